@@ -1,0 +1,5 @@
+"""Integrations with training frameworks (Hugging Face Trainer)."""
+
+from .hf_trainer import JsonlLoggerCallback, RecipeCallback, RecipeTrainerMixin, SparseTrainer
+
+__all__ = ["RecipeCallback", "RecipeTrainerMixin", "SparseTrainer", "JsonlLoggerCallback"]

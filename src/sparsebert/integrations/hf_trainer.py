@@ -1,0 +1,146 @@
+"""Hugging Face ``Trainer`` integration: recipes inside a user's own training script.
+
+Two lines in a user's script::
+
+    from sparsebert import SparseTrainer
+    trainer = SparseTrainer(recipe="recipe.yaml", teacher=teacher, model=model, args=args, ...)
+
+``SparseTrainer`` is ``RecipeTrainerMixin`` + ``transformers.Trainer``; mix the former into any
+Trainer subclass instead. It adds the distillation loss, drives the recipe's learning rate,
+and registers :class:`RecipeCallback`, which applies masks after every optimizer step and
+saves/restores modifier state with checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..session import RecipeSession
+
+__all__ = ["RecipeCallback", "RecipeTrainerMixin", "SparseTrainer", "JsonlLoggerCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+def steps_per_epoch(args, max_steps: int, train_dataloader=None) -> float:
+    """Optimizer steps per epoch as the Trainer counts them (global: every rank steps together)."""
+    if args.max_steps <= 0 and args.num_train_epochs > 0:
+        return max_steps / args.num_train_epochs
+    n = len(train_dataloader)
+    return max(n // args.gradient_accumulation_steps + int(n % args.gradient_accumulation_steps > 0), 1)
+
+
+class RecipeCallback(TrainerCallback):
+    """Drive a :class:`RecipeSession` from Trainer events.
+
+    ``on_train_begin`` starts the session (steps per epoch from the Trainer state),
+    ``on_step_end`` (after ``optimizer.step``) updates schedules and re-applies masks,
+    ``on_save`` writes modifier state into the checkpoint, ``on_train_end`` finalizes.
+    """
+
+    def __init__(self, session: RecipeSession):
+        self.session = session
+
+    def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
+        if self.session.state.teacher is not None:
+            self.session.state.teacher.to(args.device)
+        if not self.session._started:
+            self.session.start(steps_per_epoch(args, state.max_steps, train_dataloader), optimizer=optimizer, step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.session.update(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update(self.session.log_values())
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                self.session.save(ckpt)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.session.finalize()
+
+
+class JsonlLoggerCallback(TrainerCallback):
+    """Append every Trainer log (loss, lr, sparsity, eval metrics) as one JSON line (rank 0 only)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class RecipeTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass to apply a recipe.
+
+    Extra constructor arguments: ``recipe`` (path, YAML text, :class:`~sparsebert.recipe.Recipe`,
+    or modifier list), ``teacher`` (model or ``None``), ``recipe_args`` (variable overrides).
+    The session is built -- and the recipe validated -- before the Trainer builds its optimizer.
+    """
+
+    def __init__(self, *args, recipe=None, teacher: torch.nn.Module | None = None, recipe_args=None, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        if model is None:
+            raise ValueError("SparseTrainer needs model=")
+        self.session = RecipeSession(recipe, model, teacher=teacher, recipe_args=recipe_args)
+        super().__init__(*args, **kwargs)
+        epochs = self.session.recipe.num_epochs
+        if epochs is not None and self.args.max_steps <= 0 and abs(self.args.num_train_epochs - epochs) > 1e-6:
+            logger.warning(
+                "num_train_epochs=%s but the recipe schedules %s epochs; the recipe's epochs are "
+                "fractions of the Trainer's epochs, so the schedule may be cut short or end early",
+                self.args.num_train_epochs, epochs,
+            )
+        self.add_callback(RecipeCallback(self.session))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss, then the recipe's loss modifiers (distillation) during training."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss = self.session.modify_loss(loss, outputs, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """With recipe LR modifiers, a LambdaLR that follows them; else the Trainer's own."""
+        if self.lr_scheduler is None and self.session.has_lr_schedule:
+            optimizer = optimizer or self.optimizer
+            base_lr = self.args.learning_rate
+            spe = steps_per_epoch(self.args, num_training_steps, self.get_train_dataloader() if self.args.max_steps > 0 else None)
+            session = self.session
+
+            def factor(step: int) -> float:
+                lr = session.learning_rate(step / spe)
+                return 1.0 if lr is None else lr / base_lr
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train`` that also restores modifier state (masks) from the checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"--resume: no checkpoint-* folder in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self.session.load(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+class SparseTrainer(RecipeTrainerMixin, Trainer):
+    """``transformers.Trainer`` with a recipe (see :class:`RecipeTrainerMixin`)."""

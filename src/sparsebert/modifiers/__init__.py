@@ -1,0 +1,30 @@
+"""Recipe modifiers. Each class is a SparseML-compatible ``!Name`` in a recipe."""
+
+from .base import Modifier, ModifierState
+from .distillation import DistillationModifier, kd_loss
+from .pruning import (
+    ConstantPruningModifier,
+    GMPruningModifier,
+    GradualPruningModifier,
+    LayerPruningModifier,
+    MagnitudePruningModifier,
+    MaskedParamsModifier,
+)
+from .training import EpochRangeModifier, LearningRateFunctionModifier, SetLearningRateModifier, TrainableParamsModifier
+
+__all__ = [
+    "Modifier",
+    "ModifierState",
+    "MaskedParamsModifier",
+    "GradualPruningModifier",
+    "GMPruningModifier",
+    "MagnitudePruningModifier",
+    "ConstantPruningModifier",
+    "LayerPruningModifier",
+    "DistillationModifier",
+    "kd_loss",
+    "EpochRangeModifier",
+    "LearningRateFunctionModifier",
+    "SetLearningRateModifier",
+    "TrainableParamsModifier",
+]

@@ -1,0 +1,101 @@
+"""Knowledge distillation from a dense teacher (Hinton et al. 2015, arXiv:1503.02531).
+
+SparseML's DistillationModifier semantics: ``loss = (1 - hardness) * task_loss + hardness *
+kd_loss``, with ``kd_loss`` the temperature-softened KL divergence (times ``T^2`` so gradient
+scale does not depend on T), averaged over ``distill_output_keys`` (e.g. ``logits``, or
+``start_logits`` and ``end_logits`` for QA).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator
+
+from .base import Modifier, ModifierState
+
+__all__ = ["DistillationModifier", "kd_loss"]
+
+# batch keys that carry targets, not inputs: the teacher must not see them
+_TARGET_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Distillation loss between logits.
+
+    Args:
+        student, teacher: logits ``[..., C]`` (same shape). ``C == 1`` (regression, STS-B)
+            uses mean squared error instead of KL.
+        temperature: softmax temperature T > 0.
+        mask: optional ``bool`` ``[...]`` selecting the rows that count (e.g. masked-LM positions).
+
+    Returns:
+        Scalar: ``T^2 * mean over rows of KL(softmax(t/T) || softmax(s/T))``.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    if student.shape[-1] == 1:
+        return F.mse_loss(student.float(), teacher.float())
+    s = student.reshape(-1, student.shape[-1]).float()
+    t = teacher.reshape(-1, teacher.shape[-1]).float()
+    if mask is not None:
+        keep = mask.reshape(-1)
+        s, t = s[keep], t[keep]
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+class DistillationModifier(Modifier):
+    """Add a KD term from ``state.teacher`` to the training loss while active.
+
+    Keys: ``hardness`` in [0, 1] (weight of the KD term; 1.0 = teacher only), ``temperature``
+    > 0, ``distill_output_keys`` (default ``["logits"]``), SparseML's ``teacher_input_keys``
+    and ``update_frequency`` (accepted). The teacher is given on the CLI (``--teacher``) or in code.
+    """
+
+    hardness: float = 0.5
+    temperature: float = 2.0
+    distill_output_keys: list[str] = ["logits"]
+    teacher_input_keys: list[str] | None = None
+    update_frequency: float = -1.0
+
+    @field_validator("hardness")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("hardness must be in [0, 1]")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("temperature must be > 0")
+        return v
+
+    def apply_structure(self, state: ModifierState) -> None:
+        """A teacher must be present."""
+        if state.teacher is None:
+            raise self.error("the recipe distills but no teacher was given (--teacher, or teacher= in code)")
+        state.teacher.eval()
+        for p in state.teacher.parameters():
+            p.requires_grad_(False)
+
+    def modify_loss(self, state: ModifierState, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
+        """``(1 - hardness) * loss + hardness * mean_k kd_loss(student[k], teacher[k])``."""
+        if not self.active(state.epoch):
+            return loss
+        keys = self.teacher_input_keys or [k for k in inputs if k not in _TARGET_KEYS]
+        with torch.no_grad():
+            teacher_out = state.teacher(**{k: inputs[k] for k in keys})
+        terms = []
+        for key in self.distill_output_keys:
+            if key not in outputs or key not in teacher_out:
+                raise self.error(f"model output has no '{key}' (outputs: {list(outputs.keys())})", "distill_output_keys", key)
+            terms.append(kd_loss(outputs[key], teacher_out[key], self.temperature))
+        distill = torch.stack(terms).mean()
+        return (1.0 - self.hardness) * loss + self.hardness * distill

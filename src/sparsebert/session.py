@@ -1,0 +1,177 @@
+"""RecipeSession: one recipe applied to one model, driven by training events.
+
+The session holds the modifiers and the :class:`~sparsebert.modifiers.ModifierState` and
+forwards lifecycle events to them in recipe order. It is explicit state (no globals): the HF
+Trainer integration owns one session per trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .modifiers import GradualPruningModifier, LearningRateFunctionModifier, MaskedParamsModifier, Modifier, ModifierState, SetLearningRateModifier
+from .recipe import Recipe, load_recipe
+
+__all__ = ["RecipeSession", "SESSION_STATE_FILE"]
+
+logger = logging.getLogger(__name__)
+
+SESSION_STATE_FILE = "sparsebert_state.pt"
+
+
+class RecipeSession:
+    """Apply ``recipe`` to ``model`` (with an optional distillation ``teacher``).
+
+    Creating the session validates the recipe against the model and applies structural
+    modifiers (layer dropping, freezing) -- so it must happen before the optimizer is built.
+
+    Args:
+        recipe: a :class:`Recipe`, a recipe path or YAML text, a list of modifiers, or ``None``
+            (no-op session).
+        model: the student model.
+        teacher: the teacher for distillation modifiers.
+        recipe_args: variable overrides (see :func:`~sparsebert.recipe.load_recipe`).
+
+    Raises:
+        RecipeError: the recipe is invalid for this model (the message names file/modifier/key/value).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe | str | Path | list[Modifier] | None,
+        model: torch.nn.Module,
+        teacher: torch.nn.Module | None = None,
+        recipe_args: Mapping[str, Any] | None = None,
+    ):
+        if recipe is None:
+            recipe = Recipe(source="<none>", variables={}, groups={})
+        elif isinstance(recipe, list):
+            recipe = Recipe(source="<code>", variables={}, groups={"modifiers": recipe})
+        elif not isinstance(recipe, Recipe):
+            recipe = load_recipe(recipe, recipe_args)
+        self.recipe = recipe
+        self.state = ModifierState(model=model, teacher=teacher)
+        self._started = False
+        self._finalized = False
+        for m in self.modifiers:
+            m.apply_structure(self.state)
+
+    @property
+    def modifiers(self) -> list[Modifier]:
+        """The recipe's modifiers, in file order."""
+        return self.recipe.modifiers
+
+    @property
+    def has_lr_schedule(self) -> bool:
+        """True when the recipe sets the learning rate."""
+        return any(isinstance(m, (LearningRateFunctionModifier, SetLearningRateModifier)) for m in self.modifiers)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, steps_per_epoch: float, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> None:
+        """Training begins (or resumes at ``step``): initialize modifiers, apply due pruning.
+
+        Raises:
+            RuntimeError: called twice.
+        """
+        if self._started:
+            raise RuntimeError("RecipeSession.start() called twice")
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+        self._started = True
+        self.state.steps_per_epoch = float(steps_per_epoch)
+        self.state.optimizer = optimizer
+        for m in self.modifiers:
+            m.initialize(self.state)
+        self.update(step)
+
+    def update(self, step: int) -> None:
+        """After optimizer step number ``step`` (global steps taken): schedule and apply masks."""
+        self.state.step = step
+        self.state.epoch = step / self.state.steps_per_epoch if self.state.steps_per_epoch else 0.0
+        for m in self.modifiers:
+            m.update(self.state)
+
+    def modify_loss(self, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
+        """The training loss after every modifier's ``modify_loss`` (e.g. + distillation)."""
+        for m in self.modifiers:
+            loss = m.modify_loss(self.state, loss, outputs, inputs)
+        return loss
+
+    def finalize(self) -> None:
+        """Training ended: final mask application, modifier clean-up. Idempotent."""
+        if self._finalized:
+            return
+        self._finalized = True
+        for m in self.modifiers:
+            if isinstance(m, MaskedParamsModifier):
+                m.apply_masks()
+            m.finalize(self.state)
+
+    # -- queries -------------------------------------------------------------------------------
+    def learning_rate(self, epoch: float) -> float | None:
+        """Recipe learning rate at ``epoch``: the modifier whose range holds ``epoch`` (the
+        latest-starting one wins); before any range, ``None``; after all, the last value."""
+        lr_mods = [m for m in self.modifiers if isinstance(m, (LearningRateFunctionModifier, SetLearningRateModifier))]
+        current = [m for m in lr_mods if m.active(epoch)]
+        if current:
+            return max(current, key=lambda m: m.start_epoch).lr_at(epoch)
+        past = [m for m in lr_mods if m.ended(epoch)]
+        if past:
+            last = max(past, key=lambda m: m.end_epoch)
+            return last.lr_at(last.end_epoch)
+        return None
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """All current masks, parameter name -> ``torch.bool`` (``True`` = kept)."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modifiers:
+            if isinstance(m, MaskedParamsModifier):
+                out.update(m.masks)
+        return out
+
+    def log_values(self) -> dict[str, float]:
+        """Scalars worth logging now: scheduled sparsity per pruning modifier, epoch."""
+        logs = {"recipe_epoch": round(self.state.epoch, 4)}
+        for i, m in enumerate(self.modifiers):
+            if isinstance(m, GradualPruningModifier):
+                logs[f"sparsity/{i}_{type(m).__name__}"] = round(m.sparsity, 5)
+        return logs
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Per-modifier state (masks, schedule counters), keyed by position in the recipe."""
+        return {"modifiers": [m.state_dict() for m in self.modifiers], "step": self.state.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (the recipe must be the same).
+
+        Raises:
+            ValueError: the number of modifiers differs.
+        """
+        mods = state["modifiers"]
+        if len(mods) != len(self.modifiers):
+            raise ValueError(f"checkpoint has state for {len(mods)} modifiers, the recipe has {len(self.modifiers)}")
+        for m, s in zip(self.modifiers, mods):
+            m.load_state_dict(s)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the state into ``directory/sparsebert_state.pt`` atomically; returns the path."""
+        path = Path(directory) / SESSION_STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, directory: str | os.PathLike) -> bool:
+        """Load state saved by :meth:`save`; returns False when the directory has none."""
+        path = Path(directory) / SESSION_STATE_FILE
+        if not path.is_file():
+            logger.warning("no %s in %s: masks will be re-derived from the schedule", SESSION_STATE_FILE, directory)
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True

@@ -1,0 +1,201 @@
+"""The main job: fine-tune a task model under a recipe with the Hugging Face Trainer.
+
+``run_train`` is what ``sparsebert train`` calls. It works unchanged under ``torchrun`` and
+``accelerate launch`` (the Trainer handles DDP; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, TrainingArguments, set_seed
+
+from .integrations import JsonlLoggerCallback, SparseTrainer
+from .models import resolve_model
+from .recipe import load_recipe
+from .sparsity import encoder_linear_sparsity
+from .tasks import DataArgs, get_task
+
+__all__ = ["TrainConfig", "run_train", "prepare_output_dir", "write_json_atomic", "OutputDirError"]
+
+logger = logging.getLogger(__name__)
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used as asked (non-empty without --overwrite/--resume)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of ``sparsebert train`` (see ``sparsebert train --help`` for each)."""
+
+    task: str
+    output_dir: str
+    model: str | None = None
+    recipe: str | None = None
+    recipe_args: dict[str, Any] | None = None
+    teacher: str | None = None
+    data: DataArgs = dataclasses.field(default_factory=DataArgs)
+    epochs: float | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 42
+    logging_steps: int = 50
+    save_total_limit: int = 1
+    overwrite: bool = False
+    resume: bool = False
+    fp16: bool = False
+    bf16: bool = False
+    use_cpu: bool = False
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
+    """Create ``path``; refuse a non-empty one unless ``overwrite`` (wipe) or ``resume`` (keep).
+
+    Raises:
+        OutputDirError: non-empty directory and neither flag; or ``resume`` with nothing to resume.
+    """
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            return out
+        if not overwrite:
+            raise OutputDirError(f"output dir {out} is not empty; pass --overwrite to replace it or --resume to continue")
+        if _is_rank0():
+            shutil.rmtree(out)
+    elif resume:
+        raise OutputDirError(f"--resume: output dir {out} has no checkpoint to resume from")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temporary file + rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _save_final(trainer, tokenizer, out: Path) -> None:
+    """save_pretrained into a temporary folder, then move the files in (no half-written model)."""
+    tmp = out / ".final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg.task`` under ``cfg.recipe``; save the model, applied recipe, metrics and logs.
+
+    Output folder: ``save_pretrained`` files, ``recipe.yaml`` (the recipe as applied),
+    ``metrics.json`` (eval metrics, measured sparsity, wall time, data notes),
+    ``train_log.jsonl`` (one JSON line per log step), ``runs/`` (TensorBoard), ``checkpoint-*``.
+
+    Returns:
+        The metrics dict written to ``metrics.json``.
+
+    Raises:
+        OutputDirError, RecipeError, DataError, ValueError: before any training step.
+    """
+    t0 = time.time()
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
+    set_seed(cfg.seed)
+    task = get_task(cfg.task)
+    model_path = resolve_model(cfg.model)
+    recipe = load_recipe(cfg.recipe, cfg.recipe_args) if cfg.recipe else None
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = task.build_model(model_path)
+    teacher = None
+    if cfg.teacher:
+        teacher = task.build_model(cfg.teacher)
+        _check_same_head(model, teacher, cfg.teacher)
+    data = task.load_data(tokenizer, cfg.data, need_train=True)
+    if data.note:
+        logger.warning("data: %s", data.note)
+
+    epochs = cfg.epochs or (recipe.num_epochs if recipe else None) or 3.0
+    report_to = ["tensorboard"] if _has_tensorboard() else []
+    args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_dir=str(out / "runs"),
+        save_strategy="epoch",
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="no",
+        report_to=report_to,
+        fp16=cfg.fp16,
+        bf16=cfg.bf16,
+        use_cpu=cfg.use_cpu,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SparseTrainer(
+        recipe=recipe,
+        teacher=teacher,
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        data_collator=task.data_collator(tokenizer),
+        processing_class=tokenizer,
+    )
+    trainer.add_callback(JsonlLoggerCallback(out / "train_log.jsonl"))
+    train_result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    train_seconds = time.time() - t0
+
+    metrics: dict[str, Any] = {"task": task.name, "model": model_path, "recipe": cfg.recipe, "teacher": cfg.teacher}
+    for split in data.evals:
+        metrics[split] = task.evaluate(trainer, split, data)
+    metrics.update(
+        encoder_sparsity=round(encoder_linear_sparsity(model), 6),
+        train_wall_seconds=round(train_seconds, 1),
+        train_samples=len(data.train),
+        epochs=epochs,
+        train_loss=train_result.training_loss,
+        data_note=data.note,
+    )
+    if trainer.is_world_process_zero():
+        _save_final(trainer, tokenizer, out)
+        if recipe is not None:
+            (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def _check_same_head(model, teacher, teacher_path: str) -> None:
+    n_s, n_t = getattr(model.config, "num_labels", None), getattr(teacher.config, "num_labels", None)
+    if n_s != n_t:
+        raise ValueError(f"teacher {teacher_path} has num_labels={n_t} but the task/student has {n_s}")
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
