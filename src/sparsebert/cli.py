@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparsify BERT models with recipes; evaluate and inspect them.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Sparsify BERT models with recipes; evaluate and inspect them.")
 console = Console()
 
 
@@ -121,17 +121,18 @@ def sparsity(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Per-layer sparsity and mask pattern of a checkpoint."""
-    from transformers import AutoModel
+    from .sparsity import load_checkpoint_tensors, sparsity_table
 
-    from .sparsity import sparsity_table
-
-    if not Path(model).exists() and "/" not in model:
-        _fail(f"model folder not found: {model}")
     try:
-        net = AutoModel.from_pretrained(model)
+        if Path(model).is_dir():
+            tensors = load_checkpoint_tensors(model)
+        else:
+            from transformers import AutoModel
+
+            tensors = dict(AutoModel.from_pretrained(model).named_parameters())
     except (OSError, ValueError) as e:
-        _fail(f"cannot load {model}: {e}")
-    rows = sparsity_table(net, params)
+        _fail(f"cannot read weights of {model}: {e}")
+    rows = sparsity_table(tensors, params)
     total = sum(r.numel for r in rows)
     zeros = sum(r.zeros for r in rows)
     if json_out:

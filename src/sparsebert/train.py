@@ -143,10 +143,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         per_device_eval_batch_size=cfg.eval_batch_size,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
-        logging_dir=str(out / "runs"),
         save_strategy="epoch",
         save_total_limit=cfg.save_total_limit,
         eval_strategy="no",
@@ -155,6 +154,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         bf16=cfg.bf16,
         use_cpu=cfg.use_cpu,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
     trainer = SparseTrainer(

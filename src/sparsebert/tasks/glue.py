@@ -190,7 +190,7 @@ def read_glue_tsv(spec: GlueTaskSpec, path: str | Path):
         idx = [header.index(c) for c in needed]
         for row in reader:
             line = reader.line_num
-            if False:
+            if len(row) <= max(idx):
                 raise DataError(f"{path}, line {line}: {len(row)} tab-separated fields, "
                                 f"expected {len(header)} ({header})")
             for col_texts, i in zip(texts, idx[:-1]):

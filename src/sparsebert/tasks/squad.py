@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 DEV_FILE, TRAIN_FILE, HUB_ID = "dev-v1.1.json", "train-v1.1.json", "rajpurkar/squad"
-DEFAULT_SPLIT = "36:12"  # of the 48 dev articles; other article counts split 3:1
+DEFAULT_SPLIT = "36:12"  # of the 48 dev articles; files with other article counts split 3:1
 N_BEST_SIZE, MAX_ANSWER_LENGTH = 20, 30
 
 
@@ -89,16 +89,6 @@ def load_squad_json(path: str | Path) -> dict:
     return squad_json
 
 
-def _parse_split(spec: str) -> tuple[int, int]:
-    try:
-        n_train, n_eval = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise ValueError(f"split_by_article must look like 'TRAIN:EVAL', e.g. '36:12'; got {spec!r}")
-    if n_train < 0 or n_eval < 1:
-        raise ValueError(f"split_by_article {spec!r}: need TRAIN >= 0 and EVAL >= 1 articles")
-    return n_train, n_eval
-
-
 def split_articles(squad_json: dict | list, spec: str, seed: int) -> tuple[list[dict], list[dict]]:
     """Split the articles of one SQuAD file into train and eval articles.
 
@@ -118,12 +108,17 @@ def split_articles(squad_json: dict | list, spec: str, seed: int) -> tuple[list[
         ValueError: a malformed ``spec``, or more articles asked for than the file holds.
     """
     articles = squad_json["data"] if isinstance(squad_json, dict) else squad_json
-    n_train, n_eval = _parse_split(spec)
+    try:
+        n_train, n_eval = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"split_by_article must look like 'TRAIN:EVAL', e.g. '36:12'; got {spec!r}")
+    if n_train < 0 or n_eval < 1:
+        raise ValueError(f"split_by_article {spec!r}: need TRAIN >= 0 and EVAL >= 1 articles")
     if n_train + n_eval > len(articles):
         raise ValueError(f"split_by_article {spec!r} needs {n_train + n_eval} articles; "
                          f"the file has {len(articles)}")
     order = list(range(len(articles)))
-    random.shuffle(order)
+    random.Random(seed).shuffle(order)
     return ([articles[i] for i in order[:n_train]],
             [articles[i] for i in order[n_train:n_train + n_eval]])
 
@@ -176,13 +171,10 @@ def prepare_train_features(examples: dict, tokenizer, max_seq_length: int, doc_s
     token indices of the first answer's first/last token; a window that does not contain
     the whole answer points both at the CLS token (index 0 for BERT).
 
-    Args:
-        examples: a batch with ``question``, ``context`` and ``answers`` columns.
-        tokenizer: a fast (Rust) tokenizer (offsets and overflow mapping are needed).
-
-    Returns:
-        The tokenizer outputs (``input_ids``, ``attention_mask``, ``token_type_ids`` if the
-        tokenizer makes them) plus ``start_positions`` and ``end_positions`` (ints).
+    ``examples``: a batch with ``question``, ``context`` and ``answers`` columns;
+    ``tokenizer``: a fast tokenizer (offsets and overflow mapping are needed). Returns the
+    tokenizer outputs (``input_ids``, ``attention_mask``, ``token_type_ids`` if the tokenizer
+    makes them) plus ``start_positions`` and ``end_positions`` (int token indices).
     """
     enc, context_id = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
@@ -208,10 +200,9 @@ def prepare_train_features(examples: dict, tokenizer, max_seq_length: int, doc_s
 def prepare_eval_features(examples: dict, tokenizer, max_seq_length: int, doc_stride: int) -> dict:
     """Batched ``Dataset.map`` function: windows that remember their example and offsets.
 
-    Returns:
-        The tokenizer outputs plus ``example_id`` (the question id, str) and
-        ``offset_mapping``: per token a ``(char_start, char_end)`` pair into the context, or
-        ``None`` for question, special and padding tokens.
+    Returns the tokenizer outputs plus ``example_id`` (the question id, str) and
+    ``offset_mapping``: per token a ``(char_start, char_end)`` pair into the context, or
+    ``None`` for question, special and padding tokens.
     """
     enc, context_id = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
@@ -237,15 +228,11 @@ def postprocess_qa_predictions(examples, features, start_logits: np.ndarray, end
 
     Args:
         examples: the raw eval examples (``id``, ``context`` columns).
-        features: their eval features (``example_id``, ``offset_mapping``), same order as
-            the logits.
+        features: their eval features (``example_id``, ``offset_mapping``), in logit order.
         start_logits / end_logits: float arrays of shape ``(n_features, seq_len)``.
 
-    Returns:
-        ``{question id: answer text}``.
-
-    Raises:
-        ValueError: the logits and the features differ in number.
+    Returns ``{question id: answer text}``. Raises ``ValueError`` when the logits and the
+    features differ in number.
     """
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     if len(start_logits) != len(features) or len(end_logits) != len(features):
@@ -264,10 +251,8 @@ def postprocess_qa_predictions(examples, features, start_logits: np.ndarray, end
             top_ends = np.argsort(e_log[:n])[::-1][:n_best_size]
             for s in top_starts:
                 for e in top_ends:
-                    if offsets[s] is None or offsets[e] is None:
-                        continue
-                    if e < s or e - s + 1 > max_answer_length:
-                        continue
+                    if offsets[s] is None or offsets[e] is None or not 0 <= e - s < max_answer_length:
+                        continue  # outside the context, end before start, or too long
                     score = float(s_log[s] + e_log[e])
                     if score > best_score:
                         best_score, best_text = score, context[offsets[s][0]:offsets[e][1]]
@@ -278,8 +263,7 @@ def postprocess_qa_predictions(examples, features, start_logits: np.ndarray, end
 def write_predictions(predictions: dict[str, str], path: str | Path) -> Path:
     """Write ``predictions.json`` in the official layout: ``{question id: answer text}``.
 
-    Returns:
-        The path written (parent folders are created).
+    Returns the path written (parent folders are created).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,17 +304,15 @@ class SquadTask(Task):
         return default_data_collator
 
     def load_data(self, tokenizer, args: DataArgs, need_train: bool = True) -> TaskData:
-        """Load, split, sub-sample and tokenize SQuAD (see the module docstring).
+        """Load, split, sub-sample and tokenize SQuAD.
 
         Files: ``args.train_file``/``args.validation_file``, else ``train-v1.1.json`` and
         ``dev-v1.1.json`` in ``args.data_dir`` or ``<shared data>/squad``, else the hub.
         With ``args.split_by_article`` (or by default when there is no train file) one file
         is split by article (:func:`split_articles`); evaluate-only runs use the same split,
         so the held-out articles match training (``"0:N"`` evaluates all ``N`` articles).
-
-        Returns:
-            ``TaskData`` with ``train`` (or ``None``), ``evals["validation"]`` (features),
-            ``raw_evals["validation"]`` (examples) and a ``note`` on the data's origin.
+        Returns ``TaskData`` with ``train`` (or ``None``), ``evals["validation"]`` (features),
+        ``raw_evals["validation"]`` (examples) and a ``note`` on the data's origin.
 
         Raises:
             DataError: missing/malformed files, or no data found anywhere.
@@ -398,14 +380,14 @@ class SquadTask(Task):
         n_articles = len(squad_json["data"])
         defaulted = not spec
         if defaulted:
-            n_train = 36 if n_articles == 48 else round(0.75 * n_articles)
-            spec = f"{n_train}:{n_articles - n_train}"
+            n_train = round(0.75 * n_articles)
+            spec = DEFAULT_SPLIT if n_articles == 48 else f"{n_train}:{n_articles - n_train}"
         train_arts, eval_arts = split_articles(squad_json, spec, args.seed)
         eval_titles = [a.get("title", "") for a in eval_arts]
         self.article_split = {"file": str(source), "spec": spec, "seed": args.seed,
                               "train_titles": [a.get("title", "") for a in train_arts],
                               "eval_titles": eval_titles}
-        why = "no SQuAD train file found, so by default " if defaulted else ""
+        why = "No SQuAD train file found, so by default " if defaulted else ""
         note = (f"{why}{source.name} was split by article ({spec}, seed {args.seed}): "
                 f"train = {len(train_arts)} articles, eval = {len(eval_arts)} held-out articles "
                 f"({', '.join(eval_titles)}).")

@@ -25,7 +25,7 @@ __all__ = ["load", "build_error", "SOURCES"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = [_HERE / "sparse_kernels.cpp"]
-_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()

@@ -85,6 +85,8 @@ struct Problem {
   const int32_t* col;
   const float* val;
   int64_t M, N, K, Kpad; // Kpad: K rounded up to the block size (XT rows, zero padded)
+  int64_t n_kc;          // number of K chunks; row_ptr has n_kc * N + 1 entries
+  int64_t nb;            // output rows per n-block (accumulator block kept in L1)
 };
 
 // --------------------------------------------------------------------------------------
@@ -110,18 +112,18 @@ void store_yt_generic(const Problem& p, const float* yt, int W8, int64_t m0, int
   }
 }
 
+// One (output row, K chunk) pair: out[0..W8) (+)= sum over its nonzeros of w * XT[k].
 template <Format F>
-void rows_generic(const Problem& p, const float* xt, int W8, int64_t n, float* out) {
+void row_chunk_generic(const Problem& p, const float* xt, int W8, int64_t b0, int64_t b1,
+                       bool accumulate, float* out) {
   float acc[kMaxW];
-  for (int j = 0; j < W8; ++j) acc[j] = 0.0f;
-  const int64_t b0 = p.row_ptr[n], b1 = p.row_ptr[n + 1];
+  for (int j = 0; j < W8; ++j) acc[j] = accumulate ? out[j] : 0.0f;
   for (int64_t b = b0; b < b1; ++b) {
+    const float* xr = xt + static_cast<int64_t>(p.col[b]) * W8;
     if (F == Format::CSR) {
       const float w = p.val[b];
-      const float* xr = xt + static_cast<int64_t>(p.col[b]) * W8;
       for (int j = 0; j < W8; ++j) acc[j] += w * xr[j];
     } else {
-      const float* xr = xt + static_cast<int64_t>(p.col[b]) * W8;
       const float* wv = p.val + 4 * b;
       for (int q = 0; q < 4; ++q)
         for (int j = 0; j < W8; ++j) acc[j] += wv[q] * xr[q * W8 + j];
@@ -135,10 +137,15 @@ void item_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int6
                   float* xt, float* yt, bool xt_ready) {
   const int W8 = static_cast<int>((w + 7) / 8) * 8;
   if (!xt_ready) pack_xt_generic(p, m0, w, W8, xt);
-  for (int64_t g = n_begin; g < n_end; g += kGroup) {
-    const int64_t rows = std::min<int64_t>(kGroup, n_end - g);
-    for (int64_t i = 0; i < rows; ++i) rows_generic<F>(p, xt, W8, g + i, yt + i * W8);
-    store_yt_generic(p, yt, W8, m0, w, g, rows);
+  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
+    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
+    for (int64_t c = 0; c < p.n_kc; ++c) {
+      const int32_t* rp = p.row_ptr + c * p.N;
+      for (int64_t n = nb0; n < nb1; ++n)
+        row_chunk_generic<F>(p, xt, W8, rp[n], rp[n + 1], c > 0, yt + (n - nb0) * W8);
+    }
+    for (int64_t g = nb0; g < nb1; g += kGroup)
+      store_yt_generic(p, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
 }
 
@@ -214,21 +221,38 @@ SB_AVX2 void store_yt_avx2(const Problem& p, const float* yt, int W8, int64_t m0
   }
 }
 
-// THE HOT LOOP: one output row n against the XT tile, R accumulators of 8 tokens each.
-// Per CSR nonzero: 1 broadcast, R aligned loads from XT row k, R FMAs.
+// THE HOT LOOP: one (output row n, K chunk) pair against the XT tile, R accumulators of
+// 8 tokens each: out[0..8R) (+)= sum_b w_b * XT[col_b, 0..8R).
+// Per CSR nonzero: 1 broadcast, R aligned loads from XT row k (L1: the chunk fits), R FMAs.
 // Per BLOCK4 block: 1 index for 4 weights and 4 consecutive XT rows.
 template <Format F, int R>
-SB_AVX2 inline void sparse_row_fma_avx2(const Problem& p, const float* xt, int64_t n,
-                                        float* out) {
+SB_AVX2 inline void sparse_row_fma_avx2(const Problem& p, const float* xt, int64_t b0,
+                                        int64_t b1, bool accumulate, float* out) {
   constexpr int W8 = 8 * R;
+  if (b0 == b1) {
+    if (!accumulate) std::memset(out, 0, sizeof(float) * W8);
+    return;
+  }
   __m256 acc[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const int64_t b0 = p.row_ptr[n], b1 = p.row_ptr[n + 1];
+  for (int r = 0; r < R; ++r)
+    acc[r] = accumulate ? _mm256_load_ps(out + 8 * r) : _mm256_setzero_ps();
   const int32_t* col = p.col;
   if (F == Format::CSR) {
     const float* val = p.val;
-    for (int64_t b = b0; b < b1; ++b) {
+    int64_t b = b0;
+    // Unrolled by 4: measured ~1.45 vs ~1.15 FMA/cycle (more index/broadcast loads in flight).
+    for (; b + 4 <= b1; b += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m256 w = _mm256_broadcast_ss(val + b + u);
+        const float* xr = xt + static_cast<int64_t>(col[b + u]) * W8;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm256_fmadd_ps(w, _mm256_load_ps(xr + 8 * r), acc[r]);
+      }
+    }
+    for (; b < b1; ++b) {
       const __m256 w = _mm256_broadcast_ss(val + b);
       const float* xr = xt + static_cast<int64_t>(col[b]) * W8;
 #pragma GCC unroll 8
@@ -251,14 +275,22 @@ SB_AVX2 inline void sparse_row_fma_avx2(const Problem& p, const float* xt, int64
   for (int r = 0; r < R; ++r) _mm256_store_ps(out + 8 * r, acc[r]);
 }
 
+// Output rows [n_begin, n_end) of one M tile, in blocks of p.nb rows: the block's
+// accumulators (YT, nb x 8R floats) and one K chunk of XT stay in L1 while the chunk's
+// nonzeros of every row in the block are applied; then the block is written out.
 template <Format F, int R>
 SB_AVX2 void rows_avx2(const Problem& p, const float* xt, int64_t m0, int64_t w,
                        int64_t n_begin, int64_t n_end, float* yt) {
   constexpr int W8 = 8 * R;
-  for (int64_t g = n_begin; g < n_end; g += kGroup) {
-    const int64_t rows = std::min<int64_t>(kGroup, n_end - g);
-    for (int64_t i = 0; i < rows; ++i) sparse_row_fma_avx2<F, R>(p, xt, g + i, yt + i * W8);
-    store_yt_avx2(p, yt, W8, m0, w, g, rows);
+  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
+    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
+    for (int64_t c = 0; c < p.n_kc; ++c) {
+      const int32_t* rp = p.row_ptr + c * p.N;
+      for (int64_t n = nb0; n < nb1; ++n)
+        sparse_row_fma_avx2<F, R>(p, xt, rp[n], rp[n + 1], c > 0, yt + (n - nb0) * W8);
+    }
+    for (int64_t g = nb0; g < nb1; g += kGroup)
+      store_yt_avx2(p, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
 }
 
@@ -304,7 +336,7 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
   {
     static thread_local Scratch xt_buf, yt_buf;
     float* xt = xt_buf.get(static_cast<size_t>(p.Kpad) * kMaxW);
-    float* yt = yt_buf.get(static_cast<size_t>(kGroup) * kMaxW);
+    float* yt = yt_buf.get(static_cast<size_t>(p.nb) * kMaxW);
     int64_t cached_tile = -1;  // items are tile-major: consecutive ones reuse the XT tile
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -333,14 +365,19 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
 // Raw entry point: minimal checks (the checked API lives in sparse_linear.py).
 torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& row_ptr,
                    const torch::Tensor& col, const torch::Tensor& val,
-                   const c10::optional<torch::Tensor>& bias, int64_t fmt, int64_t num_threads,
-                   int64_t tile_w, bool force_generic) {
+                   const c10::optional<torch::Tensor>& bias, int64_t N, int64_t fmt,
+                   int64_t k_chunk, int64_t num_threads, int64_t tile_w, int64_t n_block,
+                   bool force_generic) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "spmm: x must be a contiguous float32 [M, K] tensor");
   TORCH_CHECK(fmt == 0 || fmt == 1, "spmm: fmt must be 0 (csr) or 1 (block4)");
   TORCH_CHECK(tile_w >= 8 && tile_w <= kMaxW && tile_w % 8 == 0,
               "spmm: tile_w must be a multiple of 8 in [8, 64]");
-  const int64_t M = x.size(0), K = x.size(1), N = row_ptr.size(0) - 1;
+  TORCH_CHECK(n_block >= kGroup && n_block % kGroup == 0, "spmm: n_block must be a multiple of 8");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t n_kc = k_chunk > 0 ? (K + k_chunk - 1) / k_chunk : 1;
+  TORCH_CHECK(N >= 0 && row_ptr.numel() == n_kc * N + 1,
+              "spmm: row_ptr must have ceil(K / k_chunk) * N + 1 entries");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   Problem p;
@@ -352,6 +389,8 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& row_ptr,
   p.val = val.data_ptr<float>();
   p.M = M; p.N = N; p.K = K;
   p.Kpad = fmt == 1 ? (K + 3) / 4 * 4 : K;
+  p.n_kc = n_kc;
+  p.nb = n_block;
   const bool avx2 = cpu_has_avx2_fma() && !force_generic;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (fmt == 0) run<Format::CSR>(p, threads, static_cast<int>(tile_w), avx2);
@@ -367,7 +406,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsebert sparse x dense kernels (unchecked; use sparsebert.engine.SparseLinear)";
   m.def("spmm", &spmm, "Y = X @ W^T (+ bias) with W packed as CSR (fmt=0) or BLOCK4 (fmt=1)",
         py::arg("x"), py::arg("row_ptr"), py::arg("col"), py::arg("val"), py::arg("bias"),
-        py::arg("fmt"), py::arg("num_threads"), py::arg("tile_w") = 64,
-        py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("n"), py::arg("fmt"), py::arg("k_chunk"), py::arg("num_threads"),
+        py::arg("tile_w") = 64, py::arg("n_block") = 32, py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set the kernels dispatch to on this CPU");
 }

@@ -1,0 +1,89 @@
+"""SST-2 acceptance benchmark of the main job (issue: recipe-driven pruning + KD on GLUE).
+
+Runs, one after the other on this machine, with the same train subset and seed:
+  (a) dense fine-tune of the packaged all-MiniLM-L6-v2          recipes/glue/dense.yaml
+  (b) GMP 80% block4 + KD from (a), starting from (a)            recipes/glue/gmp80-block4-kd.yaml
+  (c) GMP 90% unstructured + KD from (a), starting from (a)      recipes/glue/gmp90-unstructured-kd.yaml
+then writes a table (dev accuracy on all 872 dev rows, measured encoder sparsity, train wall time)
+into BENCHMARKS.md between the markers of this benchmark. Finished runs (metrics.json present)
+are reused, so the script can be re-run after an interruption.
+
+    python benchmarks/sst2_pruning.py --train-samples 16000 --runs-dir runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- sst2_pruning:begin -->", "<!-- sst2_pruning:end -->"
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$", shlex.join(cmd), flush=True)
+    with log.open("w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-samples", type=int, default=16000)
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--output", default="BENCHMARKS.md")
+    args = ap.parse_args()
+    runs = ROOT / args.runs_dir
+    (runs / "logs").mkdir(parents=True, exist_ok=True)
+    dense = runs / "sst2-dense"
+    base = ["sparsebert", "train", "--task", "sst2", "--max-train-samples", str(args.train_samples), "--seed", str(args.seed), "--logging-steps", "50"]
+    plan = [
+        ("(a) dense fine-tune", dense, ["--recipe", "recipes/glue/dense.yaml"]),
+        ("(b) GMP 80% block4 + KD", runs / "sst2-gmp80-block4-kd",
+         ["--model", str(dense), "--teacher", str(dense), "--recipe", "recipes/glue/gmp80-block4-kd.yaml"]),
+        ("(c) GMP 90% unstructured + KD", runs / "sst2-gmp90-unstructured-kd",
+         ["--model", str(dense), "--teacher", str(dense), "--recipe", "recipes/glue/gmp90-unstructured-kd.yaml"]),
+    ]
+    rows = []
+    for label, out, extra in plan:
+        cmd = base + extra + ["--output-dir", str(out.relative_to(ROOT))]
+        if not (out / "metrics.json").is_file():
+            run(cmd + (["--overwrite"] if out.exists() else []), runs / "logs" / f"{out.name}.log")
+        m = json.loads((out / "metrics.json").read_text())
+        rows.append((label, m, shlex.join(cmd)))
+
+    dense_acc = rows[0][1]["validation"]["accuracy"]
+    lines = [
+        BEGIN,
+        f"SST-2, packaged all-MiniLM-L6-v2, train subset {args.train_samples} of 67,349 (seeded), full dev (872), "
+        f"seq 128, batch 32, seed {args.seed}, 2 CPU cores. (b) and (c) start from (a) and distill from it.",
+        "",
+        "| run | dev accuracy | Δ vs (a) | encoder Linear sparsity | epochs | train wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, m, _ in rows:
+        acc = m["validation"]["accuracy"]
+        lines.append(
+            f"| {label} | {100 * acc:.2f} | {100 * (acc - dense_acc):+.2f} | {100 * m['encoder_sparsity']:.2f}% | "
+            f"{m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |"
+        )
+    lines += ["", "Commands (each run's log is in `runs/logs/`):", "", "```"]
+    lines += [c for _, _, c in rows] + ["```", f"Reproduce all: `python benchmarks/sst2_pruning.py --train-samples {args.train_samples}`", END]
+    block = "\n".join(lines)
+
+    path = ROOT / args.output
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text += "\n## SST-2: dense vs GMP + KD (main job)\n\n" + block + "\n"
+    path.write_text(text)
+    print(block)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""End-to-end: ``sparsebert train/evaluate/sparsity`` through the CLI on a tiny model and real SST-2 rows."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertForSequenceClassification
+from typer.testing import CliRunner
+
+from sparsebert.cli import app
+from tests_helpers import tiny_config
+
+runner = CliRunner()
+
+RECIPE = """
+num_epochs: 2.0
+training_modifiers:
+  - !EpochRangeModifier
+    end_epoch: num_epochs
+  - !LearningRateFunctionModifier
+    end_epoch: num_epochs
+    lr_func: linear
+    init_lr: 1e-3
+    final_lr: 0.0
+pruning_modifiers:
+  - !GMPruningModifier
+    params: ["re:bert.encoder.layer.*.(query|key|value|dense).weight"]
+    init_sparsity: 0.0
+    final_sparsity: 0.75
+    start_epoch: 0.0
+    end_epoch: 1.0
+    update_frequency: 0.25
+    mask_type: block4
+distillation_modifiers:
+  - !DistillationModifier
+    hardness: 0.5
+    temperature: 2.0
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, request):
+    from sparsebert.models import DEFAULT_MODEL_PACKAGE
+
+    pytest.importorskip(DEFAULT_MODEL_PACKAGE)
+    from sparsebert.models import default_model_path
+
+    path = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def invoke(*args, stdout_only=False):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout if stdout_only else result.output
+
+
+def test_train_evaluate_sparsity_end_to_end(tiny_dir, tmp_path, shared_data):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "run"
+    common = ["--task", "sst2", "--model", tiny_dir, "--max-train-samples", 64, "--max-eval-samples", 32, "--batch-size", 16, "--logging-steps", 2]
+    code, output = invoke("train", *common, "--recipe", recipe, "--teacher", tiny_dir, "--output-dir", out)
+    assert code == 0, output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
+    assert metrics["encoder_sparsity"] == pytest.approx(0.75, abs=0.005)
+    assert (out / "recipe.yaml").is_file() and (out / "config.json").is_file()
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in logs) and any(k.startswith("sparsity/") for r in logs for k in r)
+    saved = BertForSequenceClassification.from_pretrained(out)
+    for name, p in saved.named_parameters():
+        if "encoder" in name and name.endswith("dense.weight") or name.endswith(("query.weight", "key.weight", "value.weight")):
+            blocks = (p == 0).reshape(p.shape[0], -1, 4)
+            assert bool((blocks.all(-1) | (~blocks).all(-1)).all()), name
+    assert str(out / "metrics.json") in output.replace("\n", "")
+
+    # a non-empty output dir is refused without --overwrite
+    code, output = invoke("train", *common, "--output-dir", out)
+    assert code == 2 and "not empty" in output
+
+    code, output = invoke("sparsity", out, "--json", stdout_only=True)
+    assert code == 0, output
+    report = json.loads(output)
+    enc = [r for r in report["params"] if ".encoder." in r["name"] and r["name"].endswith("weight")]
+    assert enc and all(r["pattern"] == "block4" for r in enc)
+
+    code, output = invoke("evaluate", "--task", "sst2", "--model", out, "--max-eval-samples", 32)
+    assert code == 0, output
+    assert "validation/accuracy" in output
+
+
+def test_resume_keeps_masks(tiny_dir, tmp_path, shared_data):
+    recipe = tmp_path / "r.yaml"
+    no_kd = RECIPE.split("distillation_modifiers:")[0]
+    recipe.write_text(no_kd.replace("    end_epoch: 1.0\n", "    end_epoch: 2.0\n"))  # pruning spans both runs
+    out = tmp_path / "run"
+    common = ["--task", "sst2", "--model", tiny_dir, "--max-train-samples", 64, "--max-eval-samples", 16, "--batch-size", 16, "--recipe", recipe, "--output-dir", out]
+    code, output = invoke("train", *common, "--epochs", 1)  # stops after epoch 1 with a checkpoint
+    assert code == 0, output
+    ckpts = list(out.glob("checkpoint-*"))
+    assert ckpts and (ckpts[0] / "sparsebert_state.pt").is_file()
+    halfway = json.loads((out / "metrics.json").read_text())["encoder_sparsity"]
+    assert 0.3 < halfway < 0.74  # cubic schedule at epoch 1 of 2
+    code, output = invoke("train", *common, "--resume", "--epochs", 2)
+    assert code == 0, output
+    assert json.loads((out / "metrics.json").read_text())["encoder_sparsity"] == pytest.approx(0.75, abs=0.005)
+
+
+def test_bad_inputs_fail_clearly(tiny_dir, tmp_path, shared_data):
+    out = tmp_path / "x"
+    code, output = invoke("train", "--task", "sst3", "--model", tiny_dir, "--output-dir", out)
+    assert code == 2 and "unknown task" in output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPE.replace("final_sparsity: 0.75", "final_sparsity: 1.5"))
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--recipe", bad, "--teacher", tiny_dir, "--output-dir", out)
+    assert code == 2 and "final_sparsity" in output and "1.5" in output
+    # STS-B teacher (1 label) for an SST-2 student (2 labels)
+    stsb = tmp_path / "stsb"
+    BertForSequenceClassification(tiny_config(vocab_size=30522, max_position_embeddings=128, num_labels=1)).save_pretrained(stsb)
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--recipe", tmp_path / "none.yaml", "--output-dir", out)
+    assert code == 2 and "not found" in output
+    good = tmp_path / "good.yaml"
+    good.write_text(RECIPE)
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--recipe", good, "--teacher", stsb, "--output-dir", tmp_path / "y", "--max-train-samples", 8)
+    assert code == 2 and "num_labels" in output
