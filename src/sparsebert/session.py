@@ -89,6 +89,11 @@ class RecipeSession:
             m.initialize(self.state)
         self.update(step)
 
+    def on_gradients(self) -> None:
+        """Backward done, optimizer step next: let modifiers read gradients."""
+        for m in self.modifiers:
+            m.on_gradients(self.state)
+
     def update(self, step: int) -> None:
         """After optimizer step number ``step`` (global steps taken): schedule and apply masks."""
         self.state.step = step

@@ -185,6 +185,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         _save_final(trainer, tokenizer, out)
         if recipe is not None:
             (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        task.save_predictions(out)
         write_json_atomic(out / "metrics.json", metrics)
     return metrics
 

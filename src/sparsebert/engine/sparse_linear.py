@@ -46,6 +46,8 @@ AUTO_DENSE_ABOVE_DENSITY = 0.30
 AUTO_BLOCK4_MIN_FILL = 0.85
 # Inputs per K chunk: 128 * 64 tokens * 4 B = 32 KiB of activations, i.e. one L1 cache.
 DEFAULT_K_CHUNK = 128
+# Output rows whose accumulators (n_block * 64 tokens * 4 B) stay in L1 next to the chunk.
+DEFAULT_N_BLOCK = 32
 
 _FMT_CODE = {"csr": 0, "block4": 1}
 _PATTERNS = ("auto", "unstructured", "block4", "dense")
@@ -67,32 +69,31 @@ def kernel_isa() -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _chunked(w: torch.Tensor, k_chunk: int, block: int) -> torch.Tensor:
-    """View W as ``[n_kc, N, k_chunk / block, block]`` (zero padded along K)."""
+def _pack_sorted(w: torch.Tensor, k_chunk: int, n_block: int, block: int) -> dict:
+    """Chunked, count-sorted CSR of ``w`` with entries of ``block`` consecutive inputs."""
     n, k = w.shape
     n_kc = max(1, math.ceil(k / k_chunk))
-    wp = F.pad(w, (0, n_kc * k_chunk - k))
-    return wp.view(n, n_kc, k_chunk // block, block).transpose(0, 1)
-
-
-def _pack_csr(w: torch.Tensor, k_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    wc = _chunked(w, k_chunk, 1).squeeze(-1)  # [n_kc, N, k_chunk]
-    mask = wc != 0
-    idx = mask.nonzero()  # row-major: sorted by (chunk, n, k)
-    row_ptr = torch.zeros(wc.shape[0] * wc.shape[1] + 1, dtype=torch.int64)
-    row_ptr[1:] = mask.sum(-1).flatten().cumsum(0)
-    col = idx[:, 0] * k_chunk + idx[:, 2]
-    return row_ptr.to(torch.int32), col.to(torch.int32).contiguous(), wc[mask].contiguous()
-
-
-def _pack_block4(w: torch.Tensor, k_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    wc = _chunked(w, k_chunk, 4)  # [n_kc, N, k_chunk / 4, 4]
-    bmask = (wc != 0).any(-1)
-    idx = bmask.nonzero()  # sorted by (chunk, n, block)
-    row_ptr = torch.zeros(wc.shape[0] * wc.shape[1] + 1, dtype=torch.int64)
-    row_ptr[1:] = bmask.sum(-1).flatten().cumsum(0)
-    col = idx[:, 0] * k_chunk + idx[:, 2] * 4
-    return row_ptr.to(torch.int32), col.to(torch.int32).contiguous(), wc[bmask].flatten().contiguous()
+    wc = F.pad(w, (0, n_kc * k_chunk - k)).view(n, n_kc, k_chunk // block, block).transpose(0, 1)
+    emask = (wc != 0).any(-1)  # [n_kc, N, k_chunk / block]: entry stored?
+    counts = emask.sum(-1)  # [n_kc, N]
+    # Within each (chunk, block of n_block rows) process rows by increasing entry count.
+    n_blk = math.ceil(n / n_block)
+    padded = F.pad(counts, (0, n_blk * n_block - n), value=k_chunk + 1)  # padding rows sort last
+    slot = padded.view(n_kc, n_blk, n_block).sort(dim=-1, stable=True).indices
+    rows = (slot + torch.arange(n_blk)[:, None] * n_block).view(n_kc, -1)
+    order = rows[rows < n].view(n_kc, n)
+    chunk = torch.arange(n_kc)[:, None]
+    wc, emask = wc[chunk, order], emask[chunk, order]
+    row_ptr = torch.zeros(n_kc * n + 1, dtype=torch.int64)
+    row_ptr[1:] = counts[chunk, order].flatten().cumsum(0)
+    idx = emask.nonzero()  # row-major: (chunk, slot, entry) in processing order
+    col = idx[:, 0] * k_chunk + idx[:, 2] * block
+    return {
+        "order": order.flatten().to(torch.int32).contiguous(),
+        "row_ptr": row_ptr.to(torch.int32),
+        "col": col.to(torch.int32).contiguous(),
+        "val": wc[emask].flatten().contiguous(),
+    }
 
 
 def _check_n_m(w: torch.Tensor, n: int, m: int) -> None:
@@ -113,7 +114,8 @@ def _block4_fill(w: torch.Tensor) -> float:
     return nnz / (4 * blocks)
 
 
-def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int = DEFAULT_K_CHUNK) -> dict:
+def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int = DEFAULT_K_CHUNK,
+                n_block: int = DEFAULT_N_BLOCK) -> dict:
     """Pack a dense ``[N, K]`` float32 weight; returns a dict of the format and its tensors.
 
     ``pattern``: ``"auto"``, ``"unstructured"``, ``"block4"``, ``"dense"`` or ``"n:m"``
@@ -143,16 +145,17 @@ def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int = DEFA
     elif pattern not in _PATTERNS:
         raise ValueError(f"pattern must be one of {_PATTERNS} or 'n:m' (e.g. '2:4'), got {pattern!r}")
 
-    out = {"format": fmt, "k_chunk": k_chunk, "density": density}
+    out = {"format": fmt, "k_chunk": k_chunk, "n_block": n_block, "density": density}
     if fmt == "dense":
         out["weight"] = w
     else:
         if k_chunk <= 0 or k_chunk % 4:
             raise ValueError(f"k_chunk must be a positive multiple of 4, got {k_chunk}")
+        if n_block <= 0 or n_block % 8:
+            raise ValueError(f"n_block must be a positive multiple of 8, got {n_block}")
         if w.numel() >= 2**31:
             raise ValueError("weights with 2**31 or more elements are not supported (int32 indices)")
-        pack = _pack_csr if fmt == "csr" else _pack_block4
-        out["row_ptr"], out["col"], out["val"] = pack(w, k_chunk)
+        out.update(_pack_sorted(w, k_chunk, n_block, 1 if fmt == "csr" else 4))
     return out
 
 
@@ -182,15 +185,17 @@ class SparseLinear(torch.nn.Module):
         self.out_features = int(out_features)
         self.format: str = packed["format"]
         self.k_chunk: int = int(packed["k_chunk"])
+        self.n_block: int = int(packed["n_block"])
         self.density: float = float(packed["density"])
         self.num_threads = num_threads
-        for name in ("row_ptr", "col", "val", "weight"):
+        for name in ("order", "row_ptr", "col", "val", "weight"):
             self.register_buffer(name, packed.get(name), persistent=True)
         self.register_buffer("bias", bias, persistent=True)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, pattern: str = "auto",
-                   num_threads: int | None = None, k_chunk: int = DEFAULT_K_CHUNK) -> "SparseLinear":
+                   num_threads: int | None = None, k_chunk: int = DEFAULT_K_CHUNK,
+                   n_block: int = DEFAULT_N_BLOCK) -> "SparseLinear":
         """Pack ``weight`` (float32 ``[N, K]``, zeros = pruned) and ``bias`` (float32 ``[N]``)."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got "
@@ -206,7 +211,7 @@ class SparseLinear(torch.nn.Module):
             bias = bias.detach().to("cpu").contiguous().clone()
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
-        return cls(k, n, pack_weight(weight, pattern, k_chunk), bias, num_threads)
+        return cls(k, n, pack_weight(weight, pattern, k_chunk, n_block), bias, num_threads)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "SparseLinear":
@@ -224,8 +229,8 @@ class SparseLinear(torch.nn.Module):
             return self.weight
         n, k, kc = self.out_features, self.in_features, self.k_chunk
         n_kc = max(1, math.ceil(k / kc))
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long().view(n_kc, n)
-        rows = torch.arange(n).repeat(n_kc).repeat_interleave(counts.flatten())
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        rows = self.order.long().repeat_interleave(counts)
         w = torch.zeros(n, n_kc * kc + 4)
         if self.format == "csr":
             w[rows, self.col.long()] = self.val
@@ -258,8 +263,9 @@ class SparseLinear(torch.nn.Module):
                 y = self._fallback(x2)
             else:
                 threads = self.num_threads or torch.get_num_threads()
-                y = mod.spmm(x2, self.row_ptr, self.col, self.val, self.bias, self.out_features,
-                             _FMT_CODE[self.format], self.k_chunk, threads)
+                y = mod.spmm(x2, self.order, self.row_ptr, self.col, self.val, self.bias,
+                             self.out_features, _FMT_CODE[self.format], self.k_chunk, self.n_block,
+                             threads)
         return y.view(*lead, self.out_features)
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ class RecipeCallback(TrainerCallback):
         if not self.session._started:
             self.session.start(steps_per_epoch(args, state.max_steps, train_dataloader), optimizer=optimizer, step=state.global_step)
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.session.on_gradients()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.session.update(state.global_step)
 
@@ -107,6 +110,34 @@ class RecipeTrainerMixin:
                 self.args.num_train_epochs, epochs,
             )
         self.add_callback(RecipeCallback(self.session))
+        self.session.state.grad_sampler = self.sample_gradients
+
+    def sample_gradients(self, num_batches: int):
+        """Yield ``num_batches`` times with fresh gradients of the training loss in ``.grad``.
+
+        Batches come from the Trainer's own training DataLoader (same dataset, collator and, under
+        DDP, sampler), so no second copy of the data exists; under DDP the gradients are
+        all-reduced by the wrapped model's backward. Gradients are zeroed before each batch and
+        after the last one. The model is left in the train/eval mode it was in.
+        """
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        was_training = model.training
+        model.train()
+        produced = 0
+        try:
+            while produced < num_batches:
+                for inputs in self.get_train_dataloader():
+                    if produced >= num_batches:
+                        break
+                    model.zero_grad(set_to_none=True)
+                    inputs = self._prepare_inputs(inputs)
+                    loss = super().compute_loss(model, inputs)  # task loss only (no distillation)
+                    self.accelerator.backward(loss)
+                    produced += 1
+                    yield produced
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss, then the recipe's loss modifiers (distillation) during training."""

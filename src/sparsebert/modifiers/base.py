@@ -6,6 +6,8 @@ Lifecycle (after llm-compressor's Modifier, adapted to epoch schedules as in Spa
   shape or trainability (drop layers, freeze parameters) and validation against the model
   (``re:`` patterns, mask shapes). Errors here stop the run before any training.
 * ``initialize(state)`` -- once, when training starts (steps per epoch known).
+* ``on_gradients(state)`` -- after backward, before the optimizer step (gradients present,
+  already all-reduced under DDP): movement scores accumulate here.
 * ``update(state)`` -- after every optimizer step, with ``state.epoch`` the fractional epoch.
   Pruning modifiers recompute masks on their schedule and re-apply them here.
 * ``modify_loss(state, loss, outputs, inputs)`` -- distillation adds its term.
@@ -38,6 +40,10 @@ class ModifierState:
         epoch: fractional epoch, ``global_step / steps_per_epoch``.
         step: optimizer steps taken so far.
         steps_per_epoch: optimizer steps per epoch (float; set when training starts).
+        grad_sampler: ``callable(num_batches) -> iterator`` that, for each of ``num_batches``
+            training batches, runs forward + backward on the model (zeroing grads first) and
+            yields with ``.grad`` filled; set by the trainer integration (second-order pruning
+            samples its empirical Fisher with it). ``None`` when unavailable.
     """
 
     model: torch.nn.Module
@@ -46,6 +52,7 @@ class ModifierState:
     epoch: float = 0.0
     step: int = 0
     steps_per_epoch: float | None = None
+    grad_sampler: Any = None
 
 
 class Modifier(BaseModel):
@@ -103,6 +110,9 @@ class Modifier(BaseModel):
 
     def initialize(self, state: ModifierState) -> None:
         """Training starts: ``state.steps_per_epoch`` and ``state.optimizer`` are set."""
+
+    def on_gradients(self, state: ModifierState) -> None:
+        """Gradients of this step are in ``param.grad`` (before the optimizer step)."""
 
     def update(self, state: ModifierState) -> None:
         """Called after every optimizer step (and once before the first)."""

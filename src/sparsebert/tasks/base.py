@@ -119,6 +119,10 @@ class Task(ABC):
         Keys are prefixed by nothing; e.g. ``{"accuracy": 0.91}`` or ``{"exact_match": 80.1, "f1": 88.0}``.
         """
 
+    def save_predictions(self, output_dir: Path) -> list[Path]:
+        """Write the last evaluation's predictions in the task's official format (default: none)."""
+        return []
+
     @property
     def distill_output_keys(self) -> tuple[str, ...]:
         """Model output keys that knowledge distillation compares by default."""

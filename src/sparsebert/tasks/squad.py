@@ -439,3 +439,14 @@ class SquadTask(Task):
         self.last_predictions[split] = predictions
         references = {qid: ans["text"] for qid, ans in zip(examples["id"], examples["answers"])}
         return compute_squad_metrics(predictions, references)
+
+    def save_predictions(self, output_dir: Path) -> list[Path]:
+        """Write ``predictions.json`` (official format, id -> answer text) for each evaluated split.
+
+        The ``validation`` split goes to ``predictions.json``; other splits to ``predictions_<split>.json``.
+        """
+        written = []
+        for split, preds in self.last_predictions.items():
+            name = "predictions.json" if split == "validation" else f"predictions_{split}.json"
+            written.append(write_predictions(preds, Path(output_dir) / name))
+        return written
