@@ -8,3 +8,30 @@ def tiny_config(**kw) -> BertConfig:
     base = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, num_labels=2)
     base.update(kw)
     return BertConfig(**base)
+
+
+def save_tiny_model(path, head: str = "cls", prune: float = 0.0, seed: int = 0, **config):
+    """Save a tiny random BERT (``head``: ``"cls"`` or ``"qa"``) + the packaged MiniLM tokenizer to ``path``.
+
+    ``prune``: zero that fraction of every encoder Linear weight (smallest magnitudes). Returns ``path``.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertForQuestionAnswering, BertForSequenceClassification
+
+    from sparsebert.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(seed)
+    cls = BertForQuestionAnswering if head == "qa" else BertForSequenceClassification
+    kw = dict(vocab_size=tok.vocab_size, max_position_embeddings=128, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    kw.update(config)
+    model = cls(tiny_config(**kw))
+    if prune:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".encoder." in name and name.endswith("weight") and p.dim() == 2:
+                    k = int(prune * p.numel())
+                    p.view(-1)[p.abs().flatten().argsort()[:k]] = 0.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

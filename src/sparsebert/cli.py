@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -81,8 +82,9 @@ def train(
         metrics = run_train(cfg)
     except (RecipeError, DataError, OutputDirError, ValueError, RuntimeError) as e:
         _fail(str(e))
-    _print_metrics(metrics)
-    console.print(f"[bold green]model:[/] {output_dir}   [bold green]metrics:[/] {output_dir / 'metrics.json'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
+        _print_metrics(metrics)
+        console.print(f"[bold green]model:[/] {output_dir}   [bold green]metrics:[/] {output_dir / 'metrics.json'}")
 
 
 @app.command()
@@ -163,3 +165,126 @@ def _print_metrics(metrics: dict) -> None:
 def main() -> None:  # pragma: no cover - console entry
     """Entry point for ``python -m sparsebert``."""
     app()
+
+
+@app.command()
+def oneshot(
+    task: str = typer.Option(..., help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, squad"),
+    recipe: Path = typer.Option(..., help="Pruning recipe (GMP, OBS or movement modifiers); pruned straight to final_sparsity."),
+    output_dir: Path = typer.Option(..., help="Where the pruned model, recipe.yaml and metrics.json go."),
+    model: Optional[str] = typer.Option(None, help="Fine-tuned model folder or HF id (default: packaged all-MiniLM-L6-v2)."),
+    recipe_args: Optional[str] = typer.Option(None, help='JSON overrides of recipe variables.'),
+    num_calibration_samples: int = typer.Option(512, help="Training examples (seeded subset) used for calibration gradients."),
+    batch_size: int = typer.Option(16, help="Examples per calibration gradient."),
+    eval_batch_size: int = typer.Option(64),
+    data_dir: Optional[str] = typer.Option(None, help="Task data folder (default: ../shared/data/<task> if present, else the HF hub)."),
+    split_by_article: Optional[str] = typer.Option(None, help='SQuAD: split one file by article, "TRAIN:EVAL" counts.'),
+    max_seq_length: Optional[int] = typer.Option(None, help="Tokens per example (default 128; SQuAD 384)."),
+    doc_stride: int = typer.Option(128),
+    max_eval_samples: Optional[int] = typer.Option(None, help="Evaluate on the first N dev examples."),
+    seed: int = typer.Option(42),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output dir."),
+):
+    """Prune a model one-shot (no training) with a recipe, evaluate it on the task's dev split(s), save it."""
+    from .oneshot import OneshotConfig, run_oneshot
+    from .recipe import RecipeError
+    from .tasks import DataError
+    from .train import OutputDirError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = json.loads(recipe_args) if recipe_args else None
+    except json.JSONDecodeError as e:
+        _fail(f"--recipe-args is not JSON: {e}")
+    cfg = OneshotConfig(
+        task=task, recipe=str(recipe), output_dir=str(output_dir), model=model, recipe_args=overrides,
+        data=_data_args(data_dir, None, None, max_seq_length, None, max_eval_samples, seed, doc_stride, split_by_article, task),
+        num_calibration_samples=num_calibration_samples, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
+        overwrite=overwrite,
+    )
+    try:
+        metrics = run_oneshot(cfg)
+    except (RecipeError, DataError, OutputDirError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
+        _print_metrics(metrics)
+        console.print(f"[bold green]model:[/] {output_dir}   [bold green]metrics:[/] {output_dir / 'metrics.json'}")
+
+
+@app.command("export")
+def export_cmd(
+    model_dir: Path = typer.Argument(..., help="Trained output folder (save_pretrained files, metrics.json, recipe.yaml)."),
+    output_dir: Path = typer.Option(..., help="Deployment folder to write (model.onnx, manifest.json, tokenizer, config)."),
+    task: Optional[str] = typer.Option(None, help="Task name or kind (default: metrics.json's task, else the architecture)."),
+    sequence_length: Optional[int] = typer.Option(None, help="Static sequence length (default: dynamic axis)."),
+    batch_size: Optional[int] = typer.Option(None, help="Static batch size (default: dynamic axis)."),
+    precision: str = typer.Option("fp32", help="fp32, or int8 from a QAT folder (quantization.json)."),
+    int8_format: str = typer.Option("qdq", help="INT8 graph format: qdq or qoperator."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output dir."),
+):
+    """Export a trained model folder to an ONNX deployment folder (checked against PyTorch)."""
+    from .export import ExportError, export_onnx
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_onnx(model_dir, output_dir, task=task, sequence_length=sequence_length, batch_size=batch_size,
+                          precision=precision, overwrite=overwrite, int8_format=int8_format)
+    except (ExportError, OSError) as e:
+        _fail(str(e))
+    manifest = json.loads((out / "manifest.json").read_text())
+    console.print(f"[bold green]exported:[/] {out / 'model.onnx'}  task={manifest['task']} precision={manifest['precision']} "
+                  f"encoder sparsity={manifest['sparsity']['encoder_linear']}  max |ORT - torch|={manifest['validation']['max_abs_diff']:.2e}")
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    deployment_dir: Path = typer.Argument(..., help="Deployment folder from `sparsebert export` (manifest.json, model.onnx)."),
+    engine: str = typer.Option("onnxruntime", help="Engine: onnxruntime or torch (see sparsebert.deployment.ENGINES)."),
+    compare: Optional[list[str]] = typer.Option(None, help="Another deployment folder or engine to measure interleaved (repeatable)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: static export shape, else 1)."),
+    sequence_length: Optional[int] = typer.Option(None, help="Tokens per input (default: static shape, else max_seq_length)."),
+    num_threads: Optional[int] = typer.Option(None, help="Intra-op threads per engine."),
+    warmup: int = typer.Option(3, help="Untimed warm-up calls per target."),
+    time_s: Optional[float] = typer.Option(None, "--time", help="Seconds to measure, all targets together (default 10)."),
+    iterations: Optional[int] = typer.Option(None, help="Timed calls per target (instead of --time)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Latency (mean/p50/p90/p99 ms) and items/s of deployment folders, interleaved, with ratios to the first."""
+    from .benchmark import run_benchmark
+    from .deployment import DeploymentError
+
+    try:
+        report = run_benchmark(deployment_dir, engine, compare, batch_size, sequence_length, num_threads, warmup, time_s, iterations)
+    except DeploymentError as e:
+        _fail(str(e))
+    if json_out:
+        print(json.dumps(report, indent=1))
+        return
+    cfg = report["config"]
+    table = Table(title=f"latency ms, batch {cfg['batch_size']} x seq {cfg['sequence_length']}, threads {cfg['num_threads'] or 'default'}")
+    for col in ("target", "prec", "runs", "mean", "p50", "p90", "p99", "items/s", "speedup"):
+        table.add_column(col, justify="left" if col in ("target", "prec") else "right", no_wrap=col != "target")
+    for r in report["results"]:
+        lat = r["latency_ms"]
+        table.add_row(r["target"], str(r["precision"]), str(r["iterations"]), *(f"{lat[k]:.2f}" for k in ("mean", "p50", "p90", "p99")),
+                      f"{r['items_per_second']:.1f}", f"{r['speedup_vs_first']:.2f}x")
+    console.print(table)
+
+
+@app.command("serve")
+def serve_cmd(
+    deployment_dir: Path = typer.Argument(..., help="Deployment folder from `sparsebert export`."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000),
+    engine: str = typer.Option("onnxruntime", help="Engine: onnxruntime or torch (see sparsebert.deployment.ENGINES)."),
+    truncate: bool = typer.Option(True, "--truncate/--no-truncate", help="Truncate inputs over max_seq_length, or refuse them (422)."),
+    num_threads: Optional[int] = typer.Option(None, help="Intra-op threads of the engine."),
+):
+    """Serve a deployment folder over HTTP: POST /predict (JSON), GET /health, /docs."""
+    from .deployment import DeploymentError
+    from .serve import serve
+
+    try:
+        serve(deployment_dir, host=host, port=port, engine=engine, truncate=truncate, num_threads=num_threads)
+    except DeploymentError as e:
+        _fail(str(e))

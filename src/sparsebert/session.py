@@ -164,6 +164,10 @@ class RecipeSession:
         for m, s in zip(self.modifiers, mods):
             m.load_state_dict(s)
 
+    def save_artifacts(self, directory: str | os.PathLike) -> list[Path]:
+        """Every modifier's extra files for a saved model (e.g. ``quantization.json``) into ``directory``."""
+        return [p for m in self.modifiers for p in m.save_artifacts(Path(directory))]
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the state into ``directory/sparsebert_state.pt`` atomically; returns the path."""
         path = Path(directory) / SESSION_STATE_FILE

@@ -67,13 +67,15 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool) -
         OutputDirError: non-empty directory and neither flag; or ``resume`` with nothing to resume.
     """
     out = Path(path)
+    if not _is_rank0():  # under torchrun only rank 0 judges (and wipes) the folder
+        out.mkdir(parents=True, exist_ok=True)
+        return out
     if out.exists() and any(out.iterdir()):
         if resume:
             return out
         if not overwrite:
             raise OutputDirError(f"output dir {out} is not empty; pass --overwrite to replace it or --resume to continue")
-        if _is_rank0():
-            shutil.rmtree(out)
+        shutil.rmtree(out)
     elif resume:
         raise OutputDirError(f"--resume: output dir {out} has no checkpoint to resume from")
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, out)
+        trainer.session.save_artifacts(out)  # e.g. quantization.json of QAT
         if recipe is not None:
             (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         task.save_predictions(out)

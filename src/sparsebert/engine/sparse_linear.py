@@ -1,29 +1,37 @@
 """``SparseLinear``: an inference-only drop-in for ``torch.nn.Linear`` with a sparse weight.
 
-The weight ``W`` (``[N, K]`` = out x in, the ``nn.Linear`` layout) is packed once by
-:meth:`SparseLinear.from_dense`; :meth:`SparseLinear.forward` computes
-``Y[..., N] = X[..., K] @ W.T + b`` with the C++ kernels in :mod:`.kernels` (AVX2/FMA when
-the CPU has them, portable C++ otherwise), or with plain torch when the extension cannot be
-built (a ``RuntimeWarning`` is emitted once).
+The weight ``W`` (``[N, K]`` = out x in, the ``nn.Linear`` layout, float32, zeros = pruned)
+is packed once by :meth:`SparseLinear.from_dense`; :meth:`SparseLinear.forward` computes
+``Y[..., N] = X[..., K] @ W.T + b`` (float32) with the C++ kernels of :mod:`.kernels`
+(AVX2/FMA when the CPU has them, portable C++ otherwise), or with plain torch when the
+extension cannot be built (a ``RuntimeWarning`` is emitted once).
 
-Packed formats (all arrays contiguous, on CPU)
-----------------------------------------------
-K is cut into ``n_kc = ceil(K / k_chunk)`` chunks of ``k_chunk`` inputs. The kernel walks a
-block of output rows chunk by chunk so the activations of one chunk stay in L1 cache.
+This module is the checked API; ``kernels.load().spmm`` is the raw kernel, which trusts its
+arguments (shapes, dtypes, packing) beyond a few cheap checks.
 
-``"csr"`` (pattern ``"unstructured"`` and ``"n:m"``)
-    ``row_ptr`` int32 ``[n_kc * N + 1]``; ``col`` int32 ``[nnz]``; ``val`` float32 ``[nnz]``.
-    The nonzeros of output row ``n`` inside chunk ``c`` are
-    ``col/val[row_ptr[c*N + n] : row_ptr[c*N + n + 1]]``; ``col`` holds the absolute input
-    index ``k`` (ascending), ``val`` holds ``W[n, k]``. Memory: 8 bytes per nonzero.
-``"block4"``
-    Same, but each entry is a block of 4 consecutive inputs ``k .. k+3`` (``k`` a multiple
-    of 4) of one output row: ``col`` int32 ``[nblocks]`` is ``k``, ``val`` float32
-    ``[nblocks * 4]`` holds ``W[n, k:k+4]`` (pruned positions inside a kept block are
-    stored as 0). Memory: 5 bytes per stored weight; pays off when blocks are (nearly) full.
-``"dense"``
-    ``weight`` float32 ``[N, K]``; used by ``pattern="auto"`` when the weight is too dense
-    for sparse kernels to beat the BLAS (``torch.nn.functional.linear``).
+Packed formats ("chunked, count-sorted CSR"; all arrays contiguous, CPU)
+------------------------------------------------------------------------
+K is cut into ``n_kc = ceil(K / k_chunk)`` chunks of ``k_chunk`` inputs and N into blocks
+of ``n_block`` output rows. The kernel keeps a block's accumulators in L1 and applies the
+chunks one at a time, so the activations a chunk touches stay in L1 too. Within a
+(chunk, block) pair rows are processed by increasing entry count, which keeps the inner
+loop's trip count predictable for the branch predictor.
+
+For chunk ``c`` and processing slot ``i`` (``0 <= i < N``; the slots of block ``j`` are
+``j*n_block .. j*n_block + n_block - 1`` and hold rows of that block):
+
+* ``order``   int32 ``[n_kc * N]``: ``order[c*N + i]`` is the output row ``n`` of the slot;
+* ``row_ptr`` int32 ``[n_kc * N + 1]``: its entries are ``row_ptr[c*N + i] ..
+  row_ptr[c*N + i + 1] - 1`` (the entries of W[n] inside chunk c, ``k`` ascending);
+* ``"csr"`` (patterns ``"unstructured"``, ``"n:m"``): one entry per nonzero,
+  ``col`` int32 ``[nnz]`` = ``k``, ``val`` float32 ``[nnz]`` = ``W[n, k]``.
+  Memory: ~8 bytes per nonzero.
+* ``"block4"``: one entry per block of 4 consecutive inputs with any nonzero,
+  ``col`` int32 ``[nblocks]`` = ``k`` (a multiple of 4), ``val`` float32 ``[4 * nblocks]``
+  = ``W[n, k:k+4]`` (pruned weights inside a kept block stored as 0). Memory: 5 bytes per
+  stored weight, one index load per 4 FMAs; pays off when blocks are (nearly) full.
+* ``"dense"``: ``weight`` float32 ``[N, K]``; chosen by ``pattern="auto"`` when W is too
+  dense for the sparse kernel to beat the BLAS (``torch.nn.functional.linear``).
 """
 
 from __future__ import annotations
@@ -36,18 +44,23 @@ import torch.nn.functional as F
 
 from . import kernels as _kernels
 
-__all__ = ["SparseLinear", "kernels_available", "pack_weight", "kernel_isa"]
+__all__ = ["SparseLinear", "kernels_available", "kernel_isa", "pack_weight"]
 
-# pattern="auto" keeps the dense BLAS above this density: the sparse kernel's cost per
-# nonzero is ~2-4x a BLAS FMA (AVX2 vs AVX-512 BLAS, index loads), so below ~30% nonzeros
-# it wins. Measured with benchmarks/kernels.py.
-AUTO_DENSE_ABOVE_DENSITY = 0.30
+# pattern="auto" falls back to the dense BLAS above this density. The sparse kernel runs at
+# ~45-60% of AVX2 FMA peak per stored weight; an AVX2 BLAS at ~85%, an AVX-512 one at about
+# twice that. Crossovers measured with benchmarks/kernels.py (see README of the engine).
+AUTO_DENSE_ABOVE_DENSITY_AVX2 = 0.55
+AUTO_DENSE_ABOVE_DENSITY_AVX512 = 0.35
 # pattern="auto" picks block4 when at least this fraction of the stored values are nonzero.
 AUTO_BLOCK4_MIN_FILL = 0.85
-# Inputs per K chunk: 128 * 64 tokens * 4 B = 32 KiB of activations, i.e. one L1 cache.
+# Inputs per K chunk: 128 * 64 tokens * 4 B = 32 KiB of activations (an L1 cache). Very
+# sparse rows have few nonzeros per chunk, so the per-(row, chunk) overhead dominates:
+# use longer chunks below AUTO_LONG_CHUNK_DENSITY.
 DEFAULT_K_CHUNK = 128
-# Output rows whose accumulators (n_block * 64 tokens * 4 B) stay in L1 next to the chunk.
-DEFAULT_N_BLOCK = 32
+LONG_K_CHUNK = 256
+AUTO_LONG_CHUNK_DENSITY = 0.08
+# Output rows per block: accumulators n_block * 64 tokens * 4 B = 16 KiB stay in L1.
+DEFAULT_N_BLOCK = 64
 
 _FMT_CODE = {"csr": 0, "block4": 1}
 _PATTERNS = ("auto", "unstructured", "block4", "dense")
@@ -64,21 +77,26 @@ def kernel_isa() -> str:
     return mod.isa() if mod is not None else "torch"
 
 
+def _auto_dense_threshold() -> float:
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return AUTO_DENSE_ABOVE_DENSITY_AVX512 if "AVX512" in cap else AUTO_DENSE_ABOVE_DENSITY_AVX2
+
+
 # --------------------------------------------------------------------------------------
-# Packing (pure torch, done once per layer).
+# Packing (pure torch, once per layer).
 # --------------------------------------------------------------------------------------
 
 
 def _pack_sorted(w: torch.Tensor, k_chunk: int, n_block: int, block: int) -> dict:
-    """Chunked, count-sorted CSR of ``w`` with entries of ``block`` consecutive inputs."""
+    """Chunked, count-sorted CSR of ``w`` whose entries are ``block`` consecutive inputs."""
     n, k = w.shape
     n_kc = max(1, math.ceil(k / k_chunk))
     wc = F.pad(w, (0, n_kc * k_chunk - k)).view(n, n_kc, k_chunk // block, block).transpose(0, 1)
-    emask = (wc != 0).any(-1)  # [n_kc, N, k_chunk / block]: entry stored?
+    emask = (wc != 0).any(-1)  # [n_kc, N, k_chunk / block]: is the entry stored?
     counts = emask.sum(-1)  # [n_kc, N]
-    # Within each (chunk, block of n_block rows) process rows by increasing entry count.
+    # Slot order: within each (chunk, block of rows), rows by increasing entry count.
     n_blk = math.ceil(n / n_block)
-    padded = F.pad(counts, (0, n_blk * n_block - n), value=k_chunk + 1)  # padding rows sort last
+    padded = F.pad(counts, (0, n_blk * n_block - n), value=k_chunk + 1)  # padding rows last
     slot = padded.view(n_kc, n_blk, n_block).sort(dim=-1, stable=True).indices
     rows = (slot + torch.arange(n_blk)[:, None] * n_block).view(n_kc, -1)
     order = rows[rows < n].view(n_kc, n)
@@ -86,7 +104,7 @@ def _pack_sorted(w: torch.Tensor, k_chunk: int, n_block: int, block: int) -> dic
     wc, emask = wc[chunk, order], emask[chunk, order]
     row_ptr = torch.zeros(n_kc * n + 1, dtype=torch.int64)
     row_ptr[1:] = counts[chunk, order].flatten().cumsum(0)
-    idx = emask.nonzero()  # row-major: (chunk, slot, entry) in processing order
+    idx = emask.nonzero()  # row-major: (chunk, slot, entry) = processing order
     col = idx[:, 0] * k_chunk + idx[:, 2] * block
     return {
         "order": order.flatten().to(torch.int32).contiguous(),
@@ -97,8 +115,7 @@ def _pack_sorted(w: torch.Tensor, k_chunk: int, n_block: int, block: int) -> dic
 
 
 def _check_n_m(w: torch.Tensor, n: int, m: int) -> None:
-    k = w.shape[1]
-    wp = F.pad(w, (0, (-k) % m)).view(w.shape[0], -1, m)
+    wp = F.pad(w, (0, (-w.shape[1]) % m)).view(w.shape[0], -1, m)
     worst = int((wp != 0).sum(-1).max()) if wp.numel() else 0
     if worst > n:
         raise ValueError(f"weight does not follow the {n}:{m} pattern: a group of {m} consecutive "
@@ -114,26 +131,27 @@ def _block4_fill(w: torch.Tensor) -> float:
     return nnz / (4 * blocks)
 
 
-def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int = DEFAULT_K_CHUNK,
+def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int | None = None,
                 n_block: int = DEFAULT_N_BLOCK) -> dict:
-    """Pack a dense ``[N, K]`` float32 weight; returns a dict of the format and its tensors.
+    """Pack a dense float32 ``[N, K]`` weight; returns ``{"format", "k_chunk", "n_block",
+    "density", <tensors>}`` (see the module docstring for the layouts).
 
-    ``pattern``: ``"auto"``, ``"unstructured"``, ``"block4"``, ``"dense"`` or ``"n:m"``
-    (e.g. ``"2:4"``, checked, then stored as CSR). See the module docstring for layouts.
+    ``pattern``: ``"auto"`` (dense BLAS, block4 or csr from the weight's density and block
+    fill), ``"unstructured"`` (csr), ``"block4"``, ``"dense"`` or ``"n:m"`` such as ``"2:4"``
+    (checked, then stored as csr). ``k_chunk`` ``None`` picks one from the density.
     """
-    w = weight.detach().to("cpu").contiguous()
+    w = weight.detach().to("cpu", torch.float32).contiguous()
     density = float((w != 0).sum()) / max(1, w.numel())
-    fmt = pattern
     if pattern == "auto":
-        if density > AUTO_DENSE_ABOVE_DENSITY:
+        if density > _auto_dense_threshold():
             fmt = "dense"
         elif _block4_fill(w) >= AUTO_BLOCK4_MIN_FILL:
             fmt = "block4"
         else:
             fmt = "csr"
-    elif pattern == "unstructured":
-        fmt = "csr"
-    elif ":" in pattern:
+    elif pattern in ("unstructured", "block4", "dense"):
+        fmt = {"unstructured": "csr"}.get(pattern, pattern)
+    elif isinstance(pattern, str) and ":" in pattern:
         try:
             n, m = (int(v) for v in pattern.split(":"))
         except ValueError:
@@ -142,19 +160,21 @@ def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int = DEFA
             raise ValueError(f"bad N:M pattern {pattern!r}; expected e.g. '2:4'")
         _check_n_m(w, n, m)
         fmt = "csr"
-    elif pattern not in _PATTERNS:
+    else:
         raise ValueError(f"pattern must be one of {_PATTERNS} or 'n:m' (e.g. '2:4'), got {pattern!r}")
 
+    if k_chunk is None:
+        k_chunk = LONG_K_CHUNK if density < AUTO_LONG_CHUNK_DENSITY else DEFAULT_K_CHUNK
+    if k_chunk <= 0 or k_chunk % 4:
+        raise ValueError(f"k_chunk must be a positive multiple of 4, got {k_chunk}")
+    if n_block <= 0 or n_block % 8:
+        raise ValueError(f"n_block must be a positive multiple of 8, got {n_block}")
     out = {"format": fmt, "k_chunk": k_chunk, "n_block": n_block, "density": density}
     if fmt == "dense":
         out["weight"] = w
     else:
-        if k_chunk <= 0 or k_chunk % 4:
-            raise ValueError(f"k_chunk must be a positive multiple of 4, got {k_chunk}")
-        if n_block <= 0 or n_block % 8:
-            raise ValueError(f"n_block must be a positive multiple of 8, got {n_block}")
-        if w.numel() >= 2**31:
-            raise ValueError("weights with 2**31 or more elements are not supported (int32 indices)")
+        if w.numel() + w.shape[0] * k_chunk >= 2**31:
+            raise ValueError("weights with ~2**31 or more elements are not supported (int32 indices)")
         out.update(_pack_sorted(w, k_chunk, n_block, 1 if fmt == "csr" else 4))
     return out
 
@@ -167,19 +187,25 @@ def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int = DEFA
 class SparseLinear(torch.nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored sparse (inference only, CPU, float32).
 
-    Build with :meth:`from_dense`. ``forward`` takes ``x`` float32 ``[..., in_features]``
-    (any leading shape; flattened to ``M`` rows) and returns float32
-    ``[..., out_features]``. ``num_threads`` (``None`` = ``torch.get_num_threads()`` at call
-    time) is passed to the kernel's OpenMP region; torch's own thread setting is not touched.
+    Build with :meth:`from_dense` (or :meth:`from_linear`). ``forward(x)`` takes ``x``
+    float32 ``[..., in_features]`` (any leading dims, flattened to ``M`` rows; need not be
+    contiguous) and returns a new float32 ``[..., out_features]`` tensor, or writes into
+    ``out`` (contiguous float32 of that shape) when given, which saves the page faults
+    of a fresh allocation for large outputs. Runs under ``torch.no_grad()``.
+
+    ``num_threads`` (``None`` = ``torch.get_num_threads()`` at call time) sizes the kernel's
+    own OpenMP region; torch's global thread setting is neither read at pack time nor changed.
 
     Attributes: ``in_features`` (K), ``out_features`` (N), ``format`` (``"csr"``,
-    ``"block4"`` or ``"dense"``), ``density`` (nonzero fraction of W), ``k_chunk``.
+    ``"block4"`` or ``"dense"``), ``density`` (nonzero fraction of W), ``k_chunk``,
+    ``n_block``; buffers ``order``, ``row_ptr``, ``col``, ``val`` (sparse formats) or
+    ``weight`` (dense), and ``bias`` (float32 ``[N]`` or ``None``).
     """
 
     _warned_fallback = False
 
-    def __init__(self, in_features: int, out_features: int, packed: dict, bias: torch.Tensor | None,
-                 num_threads: int | None = None):
+    def __init__(self, in_features: int, out_features: int, packed: dict,
+                 bias: torch.Tensor | None = None, num_threads: int | None = None):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -189,35 +215,42 @@ class SparseLinear(torch.nn.Module):
         self.density: float = float(packed["density"])
         self.num_threads = num_threads
         for name in ("order", "row_ptr", "col", "val", "weight"):
-            self.register_buffer(name, packed.get(name), persistent=True)
-        self.register_buffer("bias", bias, persistent=True)
+            self.register_buffer(name, packed.get(name))
+        self.register_buffer("bias", bias)
+        self._dense_cache: torch.Tensor | None = None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, pattern: str = "auto",
-                   num_threads: int | None = None, k_chunk: int = DEFAULT_K_CHUNK,
+                   num_threads: int | None = None, k_chunk: int | None = None,
                    n_block: int = DEFAULT_N_BLOCK) -> "SparseLinear":
-        """Pack ``weight`` (float32 ``[N, K]``, zeros = pruned) and ``bias`` (float32 ``[N]``)."""
+        """Pack ``weight`` (float32 ``[N, K]``, zeros = pruned) and ``bias`` (float32 ``[N]``).
+
+        ``pattern``: ``"auto"`` | ``"unstructured"`` | ``"block4"`` | ``"dense"`` | ``"n:m"``
+        (see :func:`pack_weight`). ``k_chunk`` / ``n_block`` are tuning knobs (cache
+        blocking); the defaults suit 32-48 KiB L1 caches.
+        """
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got "
-                             f"{getattr(weight, 'shape', type(weight))}")
+            raise ValueError("weight must be a 2-D float32 tensor [out_features, in_features], got "
+                             f"{list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
         if weight.dtype != torch.float32:
-            raise TypeError(f"weight must be float32, got {weight.dtype}")
+            raise TypeError(f"weight must be float32 [out_features, in_features], got {weight.dtype}")
         n, k = weight.shape
         if bias is not None:
-            if bias.dtype != torch.float32:
-                raise TypeError(f"bias must be float32, got {bias.dtype}")
+            if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32:
+                raise TypeError(f"bias must be a float32 tensor of shape [{n}], got "
+                                f"{getattr(bias, 'dtype', type(bias).__name__)}")
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"bias must have shape [{n}] (out_features), got {list(bias.shape)}")
             bias = bias.detach().to("cpu").contiguous().clone()
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
         return cls(k, n, pack_weight(weight, pattern, k_chunk, n_block), bias, num_threads)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "SparseLinear":
-        """Shortcut for ``from_dense(linear.weight, linear.bias, **kwargs)``."""
-        return cls.from_dense(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
-                              **kwargs)
+        """``from_dense(linear.weight, linear.bias, **kwargs)``."""
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_dense(linear.weight.detach(), bias, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -228,10 +261,9 @@ class SparseLinear(torch.nn.Module):
         if self.format == "dense":
             return self.weight
         n, k, kc = self.out_features, self.in_features, self.k_chunk
-        n_kc = max(1, math.ceil(k / kc))
         counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
         rows = self.order.long().repeat_interleave(counts)
-        w = torch.zeros(n, n_kc * kc + 4)
+        w = torch.zeros(n, max(1, math.ceil(k / kc)) * kc + 4)
         if self.format == "csr":
             w[rows, self.col.long()] = self.val
         else:
@@ -239,41 +271,55 @@ class SparseLinear(torch.nn.Module):
             w[rows[:, None].expand(-1, 4), cols] = self.val.view(-1, 4)
         return w[:, :k].contiguous()
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        k = self.in_features
+    def _check_input(self, x: torch.Tensor, out: torch.Tensor | None) -> None:
+        k, n = self.in_features, self.out_features
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a float32 tensor of shape [..., {k}], got {type(x).__name__}")
         if x.dtype != torch.float32:
-            raise TypeError(f"expected float32 input of shape [..., {k}], got dtype {x.dtype}")
+            raise TypeError(f"expected float32 input of shape [..., {k}] (in_features={k}), got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != k:
             raise ValueError(f"expected input of shape [..., {k}] (in_features={k}), got {list(x.shape)}")
         if x.device.type != "cpu":
             raise ValueError(f"SparseLinear runs on CPU; got input on {x.device}")
+        if out is not None:
+            want = [*x.shape[:-1], n]
+            if (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or list(out.shape) != want
+                    or not out.is_contiguous() or out.device.type != "cpu"):
+                raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {want}, got "
+                                 f"{getattr(out, 'dtype', None)} {list(getattr(out, 'shape', []))}")
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x, out)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
+        out2 = None if out is None else out.view(-1, self.out_features)
         if self.format == "dense":
-            y = F.linear(x2, self.weight, self.bias)
+            y = self._dense(x2, self.weight, out2)
         else:
             mod = _kernels.load()
             if mod is None:
-                y = self._fallback(x2)
+                y = self._fallback(x2, out2)
             else:
                 threads = self.num_threads or torch.get_num_threads()
                 y = mod.spmm(x2, self.order, self.row_ptr, self.col, self.val, self.bias,
                              self.out_features, _FMT_CODE[self.format], self.k_chunk, self.n_block,
-                             threads)
-        return y.view(*lead, self.out_features)
+                             threads, out2)
+        return y.view(*lead, self.out_features) if out is None else out
 
-    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        # Pure torch: rebuild the dense weight once and let the BLAS do it.
+    def _dense(self, x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor | None) -> torch.Tensor:
+        if out2 is None:
+            return F.linear(x2, w, self.bias)
+        if self.bias is None:
+            return torch.mm(x2, w.t(), out=out2)
+        return torch.addmm(self.bias, x2, w.t(), out=out2)
+
+    def _fallback(self, x2: torch.Tensor, out2: torch.Tensor | None) -> torch.Tensor:
+        # No compiled kernels: rebuild the dense weight once and let the BLAS do it.
         if not SparseLinear._warned_fallback:
-            warnings.warn("SparseLinear: compiled kernels unavailable, using dense torch fallback "
-                          f"({_kernels.build_error()})", RuntimeWarning, stacklevel=3)
+            warnings.warn("SparseLinear: compiled kernels unavailable, using the dense torch "
+                          f"fallback ({_kernels.build_error()})", RuntimeWarning, stacklevel=3)
             SparseLinear._warned_fallback = True
-        if getattr(self, "_dense_cache", None) is None:
+        if self._dense_cache is None:
             self._dense_cache = self.to_dense()
-        return F.linear(x2, self._dense_cache, self.bias)
+        return self._dense(x2, self._dense_cache, out2)

@@ -1,0 +1,5 @@
+"""Deployment: ONNX export (FP32 / INT8 from QAT) of trained folders, with PyTorch parity checks."""
+
+from .onnx import ATOL, MANIFEST, OPSET, ExportError, export_onnx
+
+__all__ = ["export_onnx", "ExportError", "MANIFEST", "OPSET", "ATOL"]

@@ -70,6 +70,7 @@ class RecipeCallback(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 self.session.save(ckpt)
+                self.session.save_artifacts(ckpt)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.session.finalize()
@@ -103,10 +104,10 @@ class RecipeTrainerMixin:
         self.session = RecipeSession(recipe, model, teacher=teacher, recipe_args=recipe_args)
         super().__init__(*args, **kwargs)
         epochs = self.session.recipe.num_epochs
-        if epochs is not None and self.args.max_steps <= 0 and abs(self.args.num_train_epochs - epochs) > 1e-6:
+        if epochs is not None and self.args.max_steps <= 0 and self.args.num_train_epochs < epochs - 1e-6:
             logger.warning(
-                "num_train_epochs=%s but the recipe schedules %s epochs; the recipe's epochs are "
-                "fractions of the Trainer's epochs, so the schedule may be cut short or end early",
+                "num_train_epochs=%s but the recipe schedules %s epochs: training ends before the "
+                "recipe does (e.g. before final sparsity)",
                 self.args.num_train_epochs, epochs,
             )
         self.add_callback(RecipeCallback(self.session))
@@ -140,8 +141,14 @@ class RecipeTrainerMixin:
             model.train(was_training)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The Trainer's loss, then the recipe's loss modifiers (distillation) during training."""
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        """The Trainer's loss (per-batch mean), then the recipe's loss modifiers (distillation).
+
+        ``num_items_in_batch`` is deliberately not passed on: with it, transformers multiplies the
+        loss by the number of processes (for models whose loss sums over tokens), which for BERT's
+        mean-reduced heads would double the task loss under 2-process DDP and unbalance it against
+        the KD term. Per-batch means, averaged by DDP, equal the one-process loss on the global batch.
+        """
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         if model.training:
             loss = self.session.modify_loss(loss, outputs, inputs)
         return (loss, outputs) if return_outputs else loss

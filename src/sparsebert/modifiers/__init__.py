@@ -9,7 +9,10 @@ from .pruning import (
     LayerPruningModifier,
     MagnitudePruningModifier,
     MaskedParamsModifier,
+    MovementPruningModifier,
+    OBSPruningModifier,
 )
+from .quantization import QuantizationModifier
 from .training import EpochRangeModifier, LearningRateFunctionModifier, SetLearningRateModifier, TrainableParamsModifier
 
 __all__ = [
@@ -19,10 +22,13 @@ __all__ = [
     "GradualPruningModifier",
     "GMPruningModifier",
     "MagnitudePruningModifier",
+    "MovementPruningModifier",
+    "OBSPruningModifier",
     "ConstantPruningModifier",
     "LayerPruningModifier",
     "DistillationModifier",
     "kd_loss",
+    "QuantizationModifier",
     "EpochRangeModifier",
     "LearningRateFunctionModifier",
     "SetLearningRateModifier",

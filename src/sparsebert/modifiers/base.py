@@ -124,6 +124,11 @@ class Modifier(BaseModel):
     def finalize(self, state: ModifierState) -> None:
         """Training ended."""
 
+    def save_artifacts(self, directory) -> list:
+        """Write files the saved model needs besides its weights (e.g. ``quantization.json``) into
+        ``directory`` (the final output folder and each checkpoint); return their paths."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """Resumable state (masks, counters); saved with each checkpoint."""
         return {}

@@ -16,7 +16,10 @@ MODIFIERS: dict[str, type[m.Modifier]] = {
     "TrainableParamsModifier": m.TrainableParamsModifier,
     "GMPruningModifier": m.GMPruningModifier,
     "MagnitudePruningModifier": m.MagnitudePruningModifier,
+    "MovementPruningModifier": m.MovementPruningModifier,
+    "OBSPruningModifier": m.OBSPruningModifier,
     "ConstantPruningModifier": m.ConstantPruningModifier,
     "LayerPruningModifier": m.LayerPruningModifier,
     "DistillationModifier": m.DistillationModifier,
+    "QuantizationModifier": m.QuantizationModifier,
 }

@@ -363,7 +363,8 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& order,
                    const torch::Tensor& row_ptr, const torch::Tensor& col,
                    const torch::Tensor& val, const c10::optional<torch::Tensor>& bias,
                    int64_t N, int64_t fmt, int64_t k_chunk, int64_t n_block,
-                   int64_t num_threads, int64_t tile_w, bool force_generic) {
+                   int64_t num_threads, const c10::optional<torch::Tensor>& out, int64_t tile_w,
+                   bool force_generic) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "spmm: x must be a contiguous float32 [M, K] tensor");
   TORCH_CHECK(fmt == 0 || fmt == 1, "spmm: fmt must be 0 (csr) or 1 (block4)");
@@ -381,7 +382,15 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& order,
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous(),
                 "spmm: bias must be a contiguous float32 [N] tensor");
-  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor y;
+  if (out.has_value() && out->defined()) {
+    y = *out;
+    TORCH_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.dim() == 2 &&
+                    y.size(0) == M && y.size(1) == N,
+                "spmm: out must be a contiguous float32 [M, N] tensor");
+  } else {
+    y = torch::empty({M, N}, x.options());
+  }
   if (M == 0 || N == 0) return y;
   Problem p;
   p.x = x.data_ptr<float>();
@@ -414,7 +423,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Y = X @ W^T (+ bias) with W packed as chunked, count-sorted CSR (fmt=0) or BLOCK4 (fmt=1)",
         py::arg("x"), py::arg("order"), py::arg("row_ptr"), py::arg("col"), py::arg("val"),
         py::arg("bias"), py::arg("n"), py::arg("fmt"), py::arg("k_chunk"), py::arg("n_block"),
-        py::arg("num_threads"), py::arg("tile_w") = 64, py::arg("force_generic") = false,
+        py::arg("num_threads"), py::arg("out") = py::none(), py::arg("tile_w") = 64,
+        py::arg("force_generic") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set the kernels dispatch to on this CPU");
 }

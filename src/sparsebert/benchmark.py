@@ -1,0 +1,134 @@
+"""Latency/throughput of deployment folders on CPU engines (like ``deepsparse.benchmark``).
+
+Several targets (deployment folder x engine) are measured *interleaved* in one process: every round
+visits each target once (order rotated), so machine noise hits all of them alike, and ratios to the
+first target are reported. Times are wall clock (``time.perf_counter``) per engine call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .deployment import ENGINES, DeploymentError, create_engine, load_manifest, random_inputs, register_engine
+
+__all__ = ["Target", "run_benchmark", "parse_targets", "ENGINES", "register_engine"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One thing to measure: a deployment folder run by an engine of :data:`ENGINES`."""
+
+    deployment_dir: Path
+    engine: str
+
+    @property
+    def label(self) -> str:
+        """``<folder name>:<engine>``."""
+        return f"{self.deployment_dir.name}:{self.engine}"
+
+
+def parse_targets(deployment_dir: str | Path, engine: str, compare: list[str] | None) -> list[Target]:
+    """The first target is ``(deployment_dir, engine)``; each ``compare`` item is a deployment
+    folder (run with ``engine``) or an engine name (run on ``deployment_dir``).
+
+    Raises:
+        DeploymentError: an item is neither an existing folder nor a known engine.
+    """
+    targets = [Target(Path(deployment_dir), engine)]
+    for item in compare or []:
+        if Path(item).is_dir():
+            targets.append(Target(Path(item), engine))
+        elif item in ENGINES:
+            targets.append(Target(Path(deployment_dir), item))
+        else:
+            raise DeploymentError(f"--compare {item!r}: not a deployment folder nor an engine ({', '.join(ENGINES)})")
+    return targets
+
+
+def _shape(targets: list[Target], batch_size: int | None, sequence_length: int | None) -> tuple[int, int]:
+    """Batch and sequence length valid for every target (static exports fix them)."""
+    batch, seq = batch_size, sequence_length
+    for t in targets:
+        m = load_manifest(t.deployment_dir)
+        for name, static, value in (("batch_size", m.get("batch_size"), batch), ("sequence_length", m.get("sequence_length"), seq)):
+            if static and value is not None and value != static:
+                raise DeploymentError(f"{t.deployment_dir}: exported with static {name} {static}, asked for {value}")
+        batch = batch or m.get("batch_size")
+        seq = seq or m.get("sequence_length")
+    first = load_manifest(targets[0].deployment_dir)
+    return batch or 1, seq or first["max_seq_length"]
+
+
+def run_benchmark(
+    deployment_dir: str | Path,
+    engine: str = "onnxruntime",
+    compare: list[str] | None = None,
+    batch_size: int | None = None,
+    sequence_length: int | None = None,
+    num_threads: int | None = None,
+    warmup: int = 3,
+    time_s: float | None = None,
+    iterations: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure ``deployment_dir`` with ``engine`` and every ``compare`` target, interleaved.
+
+    Args:
+        batch_size / sequence_length: input shape (default: the export's static shape, else batch 1
+            and the manifest's ``max_seq_length``).
+        num_threads: intra-op threads per engine (``None``: the engine's default).
+        warmup: untimed calls per target before measuring.
+        time_s: measure until this many seconds (all targets together) have passed; or
+        iterations: timed calls per target (default when neither is given: 10 s).
+
+    Returns:
+        ``{"config": {...}, "results": [row, ...]}``; each row has ``target``, ``deployment_dir``,
+        ``engine``, ``precision``, ``iterations``, ``latency_ms`` (``mean``, ``p50``, ``p90``,
+        ``p99``), ``items_per_second`` (batch / mean latency) and ``speedup_vs_first`` (p50 of the
+        first target / p50 of this one; > 1 = faster).
+
+    Raises:
+        DeploymentError: missing manifest, unknown engine/target, incompatible static shapes.
+    """
+    targets = parse_targets(deployment_dir, engine, compare)
+    batch, seq = _shape(targets, batch_size, sequence_length)
+    runners = [(create_engine(t.engine, t.deployment_dir, num_threads), random_inputs(t.deployment_dir, batch, seq, seed)) for t in targets]
+    for run, feeds in runners:
+        for _ in range(warmup):
+            run(feeds)
+    if time_s is None and iterations is None:
+        time_s = 10.0
+    times: list[list[float]] = [[] for _ in targets]
+    start, rnd = time.perf_counter(), 0
+    while True:
+        if iterations is not None and rnd >= iterations:
+            break
+        if time_s is not None and rnd > 0 and time.perf_counter() - start >= time_s:
+            break
+        order = list(range(len(targets)))
+        order = order[rnd % len(order):] + order[:rnd % len(order)]  # rotate who goes first
+        for i in order:
+            run, feeds = runners[i]
+            t0 = time.perf_counter()
+            run(feeds)
+            times[i].append(time.perf_counter() - t0)
+        rnd += 1
+    rows = []
+    for t, ts in zip(targets, times):
+        ms = np.asarray(ts) * 1e3
+        manifest = load_manifest(t.deployment_dir)
+        rows.append({
+            "target": t.label, "deployment_dir": str(t.deployment_dir), "engine": t.engine, "precision": manifest.get("precision"),
+            "iterations": len(ts),
+            "latency_ms": {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99))},
+            "items_per_second": batch * 1e3 / float(ms.mean()),
+        })
+    for row in rows:
+        row["speedup_vs_first"] = rows[0]["latency_ms"]["p50"] / row["latency_ms"]["p50"]
+    config = {"batch_size": batch, "sequence_length": seq, "num_threads": num_threads, "warmup": warmup, "time_s": time_s, "iterations": iterations, "interleaved": True}
+    return {"config": config, "results": rows}

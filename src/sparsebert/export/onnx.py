@@ -1,0 +1,318 @@
+"""Export a trained output folder to an ONNX deployment folder, validated against PyTorch.
+
+Deployment folder (``export_onnx``)::
+
+    model.onnx          opset 17, TorchScript exporter (dynamo=False), eager attention
+    manifest.json       format_version, task, labels, max_seq_length, sparsity, precision, inputs, ...
+    config.json         the model config
+    tokenizer files     tokenizer.json, tokenizer_config.json, vocab.txt, ...
+    model.safetensors   the PyTorch weights (for the ``torch`` engine of benchmark/serve)
+    recipe.yaml         the applied recipe, when the trained folder has one
+    quantization.json   QAT scales, when the trained folder has one
+
+Why the TorchScript exporter with ``attn_implementation="eager"``: it runs with torch 2.13 +
+transformers 5 and gives a plain MatMul/Softmax graph (the ``sdpa`` path adds IsNaN/Where per layer);
+``dynamo=True`` needs onnxscript rewrites for little gain here. Every export is run in ONNX Runtime
+on random inputs and compared with PyTorch (like optimum's ``validate_model_outputs``); FP32 exports
+whose max |logit difference| exceeds ``atol`` (1e-4) are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .specs import ALL_INPUTS, ExportSpec, get_export_spec
+
+__all__ = ["export_onnx", "ExportError", "initializer_sparsity", "validate_onnx_outputs", "MANIFEST", "FORMAT_VERSION", "OPSET", "ATOL"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+OPSET = 17
+ATOL = 1e-4
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; the message names the path and the field."""
+
+
+def export_onnx(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    task: str | None = None,
+    sequence_length: int | None = None,
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    overwrite: bool = False,
+    int8_format: str = "qdq",
+    atol: float = ATOL,
+) -> Path:
+    """Export ``model_dir`` (a ``save_pretrained`` folder, e.g. a ``sparsebert train`` output) to ONNX.
+
+    Args:
+        model_dir: folder with ``config.json``, weights and tokenizer files.
+        output_dir: the deployment folder to create (must be empty or absent unless ``overwrite``).
+        task: a task name (``sst2``, ``squad``) or kind (``text-classification``,
+            ``question-answering``); default: ``metrics.json``'s ``task``, else the architecture.
+        sequence_length / batch_size: fix that axis (static shape); ``None`` = dynamic axis.
+        precision: ``"fp32"``, or ``"int8"`` from a QAT folder (needs ``quantization.json``).
+        overwrite: replace a non-empty ``output_dir``.
+        int8_format: ``"qdq"`` (QuantizeLinear/DequantizeLinear) or ``"qoperator"`` (MatMulInteger).
+        atol: max |output difference| allowed between ONNX Runtime and PyTorch for FP32.
+
+    Returns:
+        Path of the deployment folder.
+
+    Raises:
+        ExportError: missing folder/config/tokenizer/quantization.json, unknown task or precision,
+            non-empty output folder, or an FP32 export outside ``atol`` (names path and field).
+    """
+    import onnx
+
+    model_dir, out = Path(model_dir), Path(output_dir)
+    if not model_dir.is_dir():
+        raise ExportError(f"model folder not found: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir} has no config.json (not a save_pretrained folder)")
+    if precision not in ("fp32", "int8"):
+        raise ExportError(f"precision must be 'fp32' or 'int8', got {precision!r}")
+    if precision == "int8" and not (model_dir / "quantization.json").is_file():
+        raise ExportError(f"precision int8 needs {model_dir / 'quantization.json'} (train with a QuantizationModifier recipe)")
+    for name, v in (("sequence_length", sequence_length), ("batch_size", batch_size)):
+        if v is not None and v < 1:
+            raise ExportError(f"{name} must be >= 1, got {v}")
+    task_name = _resolve_task(model_dir, task)
+    try:
+        spec = get_export_spec(task_name)
+    except ValueError as e:
+        raise ExportError(f"task: {e}") from None
+    _prepare_dir(out, overwrite)
+
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{model_dir}: cannot load tokenizer files ({e})") from None
+    model = _load_model(model_dir, spec)
+    config = model.config
+    seq_len = sequence_length or min(spec.default_sequence_length, config.max_position_embeddings)
+    if seq_len > config.max_position_embeddings:
+        raise ExportError(f"sequence_length {seq_len} > max_position_embeddings {config.max_position_embeddings} of {model_dir / 'config.json'}")
+    inputs = tuple(n for n in ALL_INPUTS if n in tokenizer.model_input_names or n == "input_ids")
+
+    dummy = _dummy_inputs(inputs, batch_size or 2, sequence_length or min(16, seq_len), config, seed=0)
+    onnx_path = out / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            _OutputTuple(model, spec).eval(), tuple(torch.from_numpy(dummy[n]) for n in inputs), str(onnx_path),
+            input_names=list(inputs), output_names=list(spec.outputs), opset_version=OPSET, dynamo=False,
+            do_constant_folding=True, dynamic_axes=spec.dynamic_axes(inputs, batch_size, sequence_length),
+        )
+    model.eval()  # export restores the wrapper's train/eval mode: keep dropout off
+    proto = onnx.load(str(onnx_path))
+    param_map = map_initializers_to_params(proto, model)
+    reference = model
+    if precision == "int8":
+        from ..modifiers.quantization import load_quantized
+        from .quantize import quantize_onnx
+
+        qstate = json.loads((model_dir / "quantization.json").read_text())
+        proto, param_map = quantize_onnx(proto, param_map, qstate, int8_format)
+        onnx.save(proto, str(onnx_path))
+        reference = load_quantized(model, qstate)  # fake-quant model: the INT8 graph's reference
+    onnx.checker.check_model(str(onnx_path))
+
+    checks = [dummy]
+    if batch_size is None or sequence_length is None:  # a second shape proves the axes are dynamic
+        checks.append(_dummy_inputs(inputs, batch_size or 3, sequence_length or min(11, seq_len), config, seed=1))
+    diff = validate_onnx_outputs(onnx_path, reference, spec, checks)
+    if precision == "fp32" and diff > atol:
+        raise ExportError(f"{onnx_path}: ONNX Runtime vs PyTorch max |diff| {diff:.3g} > atol {atol}")
+    logger.info("exported %s: max |ORT - torch| = %.3g", onnx_path, diff)
+
+    tokenizer.save_pretrained(str(out))
+    config.save_pretrained(str(out))
+    for f in [*model_dir.glob("*.safetensors"), *model_dir.glob("*.safetensors.index.json")]:
+        shutil.copy2(f, out / f.name)
+    for extra in ("recipe.yaml", "quantization.json"):
+        if (model_dir / extra).is_file():
+            shutil.copy2(model_dir / extra, out / extra)
+
+    from ..sparsity import encoder_linear_sparsity
+
+    try:
+        enc_sparsity = round(encoder_linear_sparsity(model), 6)
+    except ValueError:
+        enc_sparsity = None
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "task": task_name,
+        "task_kind": spec.kind,
+        "labels": {str(k): v for k, v in (config.id2label or {}).items()} if spec.kind == "text-classification" else None,
+        "problem_type": getattr(config, "problem_type", None),
+        "max_seq_length": seq_len,
+        "batch_size": batch_size,
+        "sequence_length": sequence_length,
+        "precision": precision,
+        "int8_format": int8_format if precision == "int8" else None,
+        "inputs": list(inputs),
+        "outputs": list(spec.outputs),
+        "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes(inputs, batch_size, sequence_length).items()},
+        "opset": OPSET,
+        "sparsity": {"encoder_linear": enc_sparsity, "initializers": initializer_sparsity(proto, param_map)},
+        "validation": {"max_abs_diff": diff, "atol": atol if precision == "fp32" else None,
+                       "reference": "PyTorch fake-quant (QAT) model" if precision == "int8" else "PyTorch FP32 model",
+                       "shapes": [list(c["input_ids"].shape) for c in checks]},
+        "source": str(model_dir.resolve()),
+        "versions": _versions(),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+class _OutputTuple(torch.nn.Module):
+    """Wrap a HF model so the traced graph returns a plain tuple in ``spec.outputs`` order."""
+
+    def __init__(self, model: torch.nn.Module, spec: ExportSpec):
+        super().__init__()
+        self.model, self.names = model, spec.outputs
+
+    def forward(self, *args):
+        names = ("input_ids", "attention_mask", "token_type_ids")[: len(args)]
+        out = self.model(**dict(zip(names, args)), return_dict=True)
+        return tuple(out[n] for n in self.names)
+
+
+def _resolve_task(model_dir: Path, task: str | None) -> str:
+    if task:
+        return task
+    metrics = model_dir / "metrics.json"
+    if metrics.is_file():
+        try:
+            name = json.loads(metrics.read_text()).get("task")
+        except json.JSONDecodeError:
+            name = None
+        if name:
+            return name
+    archs = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    if any(a.endswith("ForQuestionAnswering") for a in archs):
+        return "question-answering"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "text-classification"
+    raise ExportError(f"{model_dir / 'config.json'}: cannot infer the task from architectures={archs}; pass task=")
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ExportError(f"output dir {out} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _load_model(model_dir: Path, spec: ExportSpec) -> torch.nn.Module:
+    import transformers
+
+    auto = getattr(transformers, spec.auto_class)
+    try:
+        model = auto.from_pretrained(str(model_dir), attn_implementation="eager")
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{model_dir}: cannot load a {spec.kind} model ({e})") from None
+    return model.eval()
+
+
+def _dummy_inputs(inputs, batch: int, seq: int, config, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids ``[batch, seq]`` int64; the first row half padded; token types 0/1."""
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(0, config.vocab_size, size=(batch, seq), dtype=np.int64)}
+    mask = np.ones((batch, seq), dtype=np.int64)
+    if batch > 1:
+        mask[0, max(1, seq // 2):] = 0
+    types = np.zeros((batch, seq), dtype=np.int64)
+    if getattr(config, "type_vocab_size", 1) > 1:
+        types[:, seq // 2:] = 1
+    feeds["attention_mask"], feeds["token_type_ids"] = mask, types
+    return {n: feeds[n] for n in inputs}
+
+
+def validate_onnx_outputs(onnx_path: str | Path, model: torch.nn.Module, spec: ExportSpec, feeds_list: list[dict[str, np.ndarray]]) -> float:
+    """Max |ONNX Runtime - PyTorch| over all outputs and all ``feeds_list`` inputs (float)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for feeds in feeds_list:
+        got = session.run(list(spec.outputs), feeds)
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, return_dict=True)
+        for name, g in zip(spec.outputs, got):
+            worst = max(worst, float(np.abs(g - ref[name].float().numpy()).max()))
+    return worst
+
+
+def map_initializers_to_params(proto, model: torch.nn.Module) -> dict[str, tuple[str, bool]]:
+    """ONNX initializer name -> (PyTorch parameter name, transposed?) for 2-D weights.
+
+    The TorchScript exporter renames constant-folded Linear weights (``onnx::MatMul_123``, stored
+    transposed ``[in, out]``), so they are matched by content (a hash of the bytes).
+    """
+    from onnx import numpy_helper
+
+    by_hash: dict[str, tuple[str, bool]] = {}
+    for name, p in model.named_parameters():
+        if p.dim() != 2:
+            continue
+        w = p.detach().float().contiguous().numpy()
+        by_hash.setdefault(_digest(w), (name, False))
+        by_hash.setdefault(_digest(np.ascontiguousarray(w.T)), (name, True))
+    out = {}
+    for init in proto.graph.initializer:
+        if len(init.dims) == 2:
+            hit = by_hash.get(_digest(numpy_helper.to_array(init)))
+            if hit:
+                out[init.name] = hit
+    return out
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha1(str(a.shape).encode() + np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def initializer_sparsity(proto, param_map: dict[str, tuple[str, bool]] | None = None) -> list[dict[str, Any]]:
+    """Sparsity of every 2-D (weight) initializer of ``proto``, float or int8.
+
+    Returns:
+        One dict per initializer: ``name``, ``param`` (the PyTorch parameter, or ``None``),
+        ``transposed`` (stored as the parameter's transpose, e.g. MatMul weights ``[in, out]``), ``shape``, ``dtype``, ``zeros`` (count) and ``sparsity`` (fraction in [0, 1]).
+    """
+    from onnx import numpy_helper
+
+    rows = []
+    param_map = param_map or {}
+    for init in proto.graph.initializer:
+        if len(init.dims) != 2:
+            continue
+        a = numpy_helper.to_array(init)
+        zeros = int((a == 0).sum())
+        param, transposed = param_map.get(init.name, (None, None))
+        rows.append({"name": init.name, "param": param, "transposed": transposed, "shape": list(a.shape),
+                     "dtype": str(a.dtype), "zeros": zeros, "sparsity": round(zeros / max(a.size, 1), 6)})
+    return rows
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

@@ -1,0 +1,182 @@
+"""Turn an FP32 ONNX export of a QAT model into an INT8 graph, with the scales learned in QAT.
+
+Input: the FP32 graph, the initializer -> PyTorch parameter map (``map_initializers_to_params``)
+and ``quantization.json`` (see :mod:`sparsebert.modifiers.quantization`). Weights are quantized
+exactly as the fake-quant model did (symmetric, zero point 0, round half to even), so pruned zeros
+stay zero. Two graph formats:
+
+* ``qdq``: each Linear weight becomes an INT8 initializer + ``DequantizeLinear`` (per output
+  channel); each quantized Linear input gets a ``QuantizeLinear -> DequantizeLinear`` pair with the
+  QAT observer's static scale. ONNX Runtime fuses these into integer kernels.
+* ``qoperator``: each ``MatMul``/``Gemm`` of a quantized Linear becomes ``QuantizeLinear`` (static
+  scale; ``DynamicQuantizeLinear`` when QAT did not quantize the input) -> ``MatMulInteger`` ->
+  ``Cast`` -> ``Mul`` by ``input_scale * weight_scale`` (-> ``Add`` bias for Gemm).
+
+Embedding tables are stored as their fake-quantized FP32 values (ONNX ``Gather`` has no INT8 kernel;
+a ``DequantizeLinear`` of the whole table would run on every call); an embedding output quantizer
+becomes a Q/DQ pair after the ``Gather``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["quantize_onnx", "INT8_FORMATS"]
+
+INT8_FORMATS = ("qdq", "qoperator")
+
+
+def _quantize(w: np.ndarray, scale: np.ndarray, axis: int | None, bits: int) -> np.ndarray:
+    """``clamp(round_half_even(w / scale), -qmax, qmax)`` as int8 (scale broadcast along ``axis``)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = scale.reshape(-1) if axis is None else scale.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
+    return np.clip(np.round(w / s), -qmax, qmax).astype(np.int8)
+
+
+def quantize_onnx(proto, param_map: dict[str, tuple[str, bool]], qstate: dict[str, Any], fmt: str = "qdq"):
+    """Rewrite ``proto`` (an ``onnx.ModelProto``, changed in place) to INT8 per ``qstate``.
+
+    Args:
+        param_map: initializer name -> (PyTorch parameter name, stored transposed?).
+        qstate: the parsed ``quantization.json``.
+        fmt: ``"qdq"`` or ``"qoperator"``.
+
+    Returns:
+        ``(proto, param_map)``; the map also names the new INT8 initializers.
+
+    Raises:
+        ValueError: unknown ``fmt``, activation bits other than 8, or a quantized module whose
+            weight is not an initializer of the graph.
+    """
+    from onnx import helper, numpy_helper
+
+    if fmt not in INT8_FORMATS:
+        raise ValueError(f"int8_format must be one of {INT8_FORMATS}, got {fmt!r}")
+    graph = proto.graph
+    for i, node in enumerate(graph.node):  # nodes are keyed by name below: make names unique
+        node.name = f"{node.name or node.op_type}_{i}"
+    inits = {i.name: i for i in graph.initializer}
+    by_module = {pname.rsplit(".", 1)[0]: (iname, transposed) for iname, (pname, transposed) in param_map.items() if pname.endswith(".weight")}
+    new_map = dict(param_map)
+    new_nodes: list = []  # (anchor node or None, [nodes to insert before it])
+    replaced: dict[int, list] = {}
+
+    for module, entry in qstate["modules"].items():
+        if module not in by_module:
+            raise ValueError(f"quantization.json module {module!r}: its weight is not an initializer of the ONNX graph")
+        iname, transposed = by_module[module]
+        w = numpy_helper.to_array(inits[iname]).astype(np.float32)
+        scale = np.asarray(entry["weight_scale"], dtype=np.float32)
+        per_channel = scale.size > 1
+        axis = (1 if transposed else 0) if per_channel else None
+        act = entry["activation"]
+        if act is not None and (entry["activation_bits"] != 8):
+            raise ValueError(f"{module}: only 8-bit activations can be exported, got {entry['activation_bits']}")
+        q = _quantize(w, scale, axis, entry["weight_bits"])
+        consumers = [n for n in graph.node if iname in n.input]
+
+        if entry["type"] == "embedding":  # fake-quantized FP32 table (see module docstring)
+            deq = (q.astype(np.float32) * (scale.reshape(-1, 1) if per_channel else scale)).astype(np.float32)
+            inits[iname].CopyFrom(numpy_helper.from_array(deq, iname))
+            if act is not None:
+                for gather in consumers:
+                    _insert_qdq_after(graph, gather.output[0], act, f"{module}.output", new_nodes, helper, numpy_helper)
+            continue
+
+        graph.initializer.remove(inits[iname])
+        qname = f"{iname}_quantized"
+        new_map[qname] = param_map[iname]
+        if fmt == "qdq" or not all(n.op_type in ("MatMul", "Gemm") for n in consumers):
+            graph.initializer.extend([numpy_helper.from_array(q, qname), numpy_helper.from_array(scale if per_channel else scale.reshape(()), f"{iname}_scale"),
+                                      numpy_helper.from_array(np.zeros(scale.shape if per_channel else (), np.int8), f"{iname}_zero_point")])
+            kw = {"axis": axis} if per_channel else {}
+            new_nodes.append((consumers[0], [helper.make_node("DequantizeLinear", [qname, f"{iname}_scale", f"{iname}_zero_point"], [iname], name=f"{module}.weight_dq", **kw)]))
+            if act is not None:
+                for node in consumers:
+                    _insert_qdq_before(node, 0, act, f"{module}.input", new_nodes, graph, helper, numpy_helper)
+            continue
+
+        graph.initializer.append(numpy_helper.from_array(q if transposed else np.ascontiguousarray(q.T), qname))
+        new_map[qname] = (param_map[iname][0], True)  # MatMulInteger takes [in, out]
+        for k, node in enumerate(consumers):  # qoperator: MatMulInteger
+            replaced[node.name] = _matmul_integer(node, qname, scale, act, f"{module}_{k}", graph, helper, numpy_helper)
+
+    _rebuild(graph, new_nodes, replaced)
+    return proto, new_map
+
+
+def _qparams_init(graph, numpy_helper, act: dict[str, Any], prefix: str) -> tuple[str, str]:
+    zp_dtype = np.int8 if act["qmin"] < 0 else np.uint8
+    graph.initializer.extend([numpy_helper.from_array(np.array(act["scale"], np.float32), f"{prefix}_scale"),
+                              numpy_helper.from_array(np.array(act["zero_point"], zp_dtype), f"{prefix}_zero_point")])
+    return f"{prefix}_scale", f"{prefix}_zero_point"
+
+
+def _insert_qdq_before(node, index: int, act, prefix: str, new_nodes, graph, helper, numpy_helper) -> None:
+    """``node.input[index]`` -> QuantizeLinear -> DequantizeLinear -> ``node``."""
+    s, z = _qparams_init(graph, numpy_helper, act, prefix)
+    src = node.input[index]
+    q = helper.make_node("QuantizeLinear", [src, s, z], [f"{prefix}_q"], name=f"{prefix}_quantize")
+    dq = helper.make_node("DequantizeLinear", [f"{prefix}_q", s, z], [f"{prefix}_dq"], name=f"{prefix}_dequantize")
+    node.input[index] = f"{prefix}_dq"
+    new_nodes.append((node, [q, dq]))
+
+
+def _insert_qdq_after(graph, tensor: str, act, prefix: str, new_nodes, helper, numpy_helper) -> None:
+    """Every consumer of ``tensor`` reads it through QuantizeLinear -> DequantizeLinear."""
+    consumers = [n for n in graph.node if tensor in n.input]
+    s, z = _qparams_init(graph, numpy_helper, act, prefix)
+    q = helper.make_node("QuantizeLinear", [tensor, s, z], [f"{prefix}_q"], name=f"{prefix}_quantize")
+    dq = helper.make_node("DequantizeLinear", [f"{prefix}_q", s, z], [f"{prefix}_dq"], name=f"{prefix}_dequantize")
+    for n in consumers:
+        for i, name in enumerate(n.input):
+            if name == tensor:
+                n.input[i] = f"{prefix}_dq"
+    new_nodes.append((consumers[0], [q, dq]))
+
+
+def _matmul_integer(node, qname: str, scale, act, prefix, graph, helper, numpy_helper) -> list:
+    """Nodes replacing one MatMul/Gemm by integer MatMul (weight ``qname``, ``[in, out]``) + rescale (+ bias)."""
+    x, out = node.input[0], node.output[0]
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or not attrs.get("transB", 0):
+            raise ValueError(f"{node.name}: only Gemm(transB=1, alpha=beta=1) is supported by the qoperator format")
+    if act is not None:
+        s, z = _qparams_init(graph, numpy_helper, act, f"{prefix}.input")
+        nodes = [helper.make_node("QuantizeLinear", [x, s, z], [f"{prefix}_xq"], name=f"{prefix}_quantize")]
+        x_scale = f"{prefix}_xscale"
+        graph.initializer.append(numpy_helper.from_array((np.float32(act["scale"]) * scale).astype(np.float32), x_scale))
+        mm_inputs = [f"{prefix}_xq", qname, z]
+        rescale = [helper.make_node("Mul", [f"{prefix}_int_f", x_scale], [f"{prefix}_mm" if node.op_type == "Gemm" else out])]
+    else:  # dynamic per-call input scale
+        nodes = [helper.make_node("DynamicQuantizeLinear", [x], [f"{prefix}_xq", f"{prefix}_xs", f"{prefix}_xz"], name=f"{prefix}_dynquant")]
+        graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), f"{prefix}_wscale"))
+        mm_inputs = [f"{prefix}_xq", qname, f"{prefix}_xz"]
+        rescale = [helper.make_node("Mul", [f"{prefix}_xs", f"{prefix}_wscale"], [f"{prefix}_s"]),
+                   helper.make_node("Mul", [f"{prefix}_int_f", f"{prefix}_s"], [f"{prefix}_mm" if node.op_type == "Gemm" else out])]
+    nodes += [helper.make_node("MatMulInteger", mm_inputs, [f"{prefix}_int"], name=f"{prefix}_matmulinteger"),
+              helper.make_node("Cast", [f"{prefix}_int"], [f"{prefix}_int_f"], to=1), *rescale]
+    if node.op_type == "Gemm" and len(node.input) > 2:
+        nodes.append(helper.make_node("Add", [f"{prefix}_mm", node.input[2]], [out]))
+    elif node.op_type == "Gemm":
+        nodes.append(helper.make_node("Identity", [f"{prefix}_mm"], [out]))
+    return nodes
+
+
+def _rebuild(graph, new_nodes, replaced) -> None:
+    """Insert the new nodes before their anchors and swap replaced nodes (keeps a topological order)."""
+    from onnx import NodeProto
+
+    before: dict[str, list] = {}
+    for anchor, nodes in new_nodes:
+        before.setdefault(anchor.name, []).extend(nodes)
+    ordered = []
+    for node in graph.node:
+        ordered.extend(before.get(node.name, []))
+        ordered.extend(replaced.get(node.name, [node]))
+    ordered = [NodeProto().__class__.FromString(n.SerializeToString()) for n in ordered]  # detached copies
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -1,0 +1,87 @@
+"""torch.distributed (gloo, 2 processes on 127.0.0.1): masks equal across ranks and to one process.
+
+These run `torchrun` subprocesses, so they take a while; they use tiny models and 16 steps.
+"""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+GMP = """
+pruning_modifiers:
+  - !GMPruningModifier
+    params: ["re:bert.encoder.layer.*.(query|key|value|dense).weight"]
+    init_sparsity: 0.0
+    final_sparsity: 0.7
+    start_epoch: 0.0
+    end_epoch: 1.5
+    update_frequency: 0.25
+    global_sparsity: true
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(out: Path, recipe: Path, nproc: int, batch: int, *extra) -> None:
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", str(WORKER)]
+    cmd += ["--out", str(out), "--recipe", str(recipe), "--per-device-batch", str(batch), *extra]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def load(out: Path, rank: int) -> dict:
+    return torch.load(out / f"masks_rank{rank}.pt", weights_only=True)
+
+
+def assert_same_masks(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("recipe_text", [GMP], ids=["gmp-global"])
+def test_two_ranks_match_each_other_and_one_process(tmp_path, recipe_text):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    run(tmp_path / "ddp", recipe, 2, 4)
+    run(tmp_path / "single", recipe, 1, 8)
+    r0, r1, single = load(tmp_path / "ddp", 0), load(tmp_path / "ddp", 1), load(tmp_path / "single", 0)
+    assert_same_masks(r0["masks"], r1["masks"])
+    assert_same_masks(r0["masks"], single["masks"])
+    sparsity = 1 - sum(int(m.sum()) for m in r0["masks"].values()) / sum(m.numel() for m in r0["masks"].values())
+    assert sparsity == pytest.approx(0.7, abs=0.002)
+    for name, w in r0["weights"].items():
+        assert torch.allclose(w, single["weights"][name], atol=1e-4), name
+    # only rank 0 wrote the final model, and it is rank 0's
+    from transformers import BertForSequenceClassification
+
+    saved = dict(BertForSequenceClassification.from_pretrained(tmp_path / "ddp" / "final").named_parameters())
+    for name, w in r0["weights"].items():
+        assert torch.equal(saved[name].detach(), w), name
+
+
+def test_resume_with_a_different_world_size(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GMP)
+    # 2 processes die right after the checkpoint of step 8 (epoch 1, mid-schedule); 1 process resumes
+    run(tmp_path / "run", recipe, 2, 4, "--kill-after-save", "8")
+    assert (tmp_path / "run" / "checkpoint-8" / "sparsebert_state.pt").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+    run(tmp_path / "run", recipe, 1, 8, "--resume")
+    run(tmp_path / "ref", recipe, 1, 8)
+    assert_same_masks(load(tmp_path / "run", 0)["masks"], load(tmp_path / "ref", 0)["masks"])

