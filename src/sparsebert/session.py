@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .modifiers import GradualPruningModifier, LearningRateFunctionModifier, MaskedParamsModifier, Modifier, ModifierState, SetLearningRateModifier
+from .modifiers import GradualPruningModifier, LayerPruningModifier, LearningRateFunctionModifier, MaskedParamsModifier, Modifier, ModifierState, SetLearningRateModifier
 from .recipe import Recipe, load_recipe
 
 __all__ = ["RecipeSession", "SESSION_STATE_FILE"]
@@ -58,8 +58,17 @@ class RecipeSession:
         self.state = ModifierState(model=model, teacher=teacher)
         self._started = False
         self._finalized = False
+        # every modifier resolves its params against the original names first, then layers are
+        # dropped and the survivors renamed (SparseML recipes name layers by original index)
         for m in self.modifiers:
             m.apply_structure(self.state)
+        droppers = [m for m in self.modifiers if isinstance(m, LayerPruningModifier)]
+        for m in droppers:
+            m.drop_layers(self.state)
+        if droppers:
+            for m in self.modifiers:
+                if isinstance(m, MaskedParamsModifier):
+                    m.rebind(model)
 
     @property
     def modifiers(self) -> list[Modifier]:

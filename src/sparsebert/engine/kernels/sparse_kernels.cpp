@@ -40,6 +40,10 @@
 #include <cstring>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define SB_X86 1
 #include <immintrin.h>
@@ -358,6 +362,22 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
   }
 }
 
+// A fresh multi-MB output is a fresh mmap: every 4 KiB page faults on first write (~1 us
+// each here, 15 ms for a 4096 x 3072 output). Where transparent huge pages are in
+// "madvise" mode, ask for 2 MiB pages on our own buffer: 512x fewer faults.
+void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
 // Raw entry point with minimal, cheap checks (the checked API is sparse_linear.py).
 torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& order,
                    const torch::Tensor& row_ptr, const torch::Tensor& col,
@@ -390,6 +410,7 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& order,
                 "spmm: out must be a contiguous float32 [M, N] tensor");
   } else {
     y = torch::empty({M, N}, x.options());
+    advise_huge_pages(y.data_ptr<float>(), static_cast<size_t>(M) * N * sizeof(float));
   }
   if (M == 0 || N == 0) return y;
   Problem p;

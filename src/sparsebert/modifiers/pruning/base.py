@@ -37,6 +37,14 @@ class MaskedParamsModifier(Modifier):
         """Resolve ``params`` against the model (a pattern matching nothing is an error)."""
         self._params = resolve_params(state.model, self.params, self.error)
 
+    def rebind(self, model: torch.nn.Module) -> None:
+        """After layers were dropped: rename params to the model's current names (by identity)
+        and forget params that are no longer in the model."""
+        current = {id(p): n for n, p in model.named_parameters()}
+        renamed = {n: current[id(p)] for n, p in self._params.items() if id(p) in current}
+        self._params = {renamed[n]: p for n, p in self._params.items() if n in renamed}
+        self._masks = {renamed[n]: m for n, m in self._masks.items() if n in renamed}
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every masked weight in place."""

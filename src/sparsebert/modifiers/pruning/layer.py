@@ -4,7 +4,7 @@ layers of pre-trained transformer models", arXiv:2004.03844; SparseML's LayerPru
 from __future__ import annotations
 
 import torch
-from pydantic import field_validator
+from pydantic import PrivateAttr, field_validator
 
 from ..base import Modifier, ModifierState
 
@@ -14,7 +14,8 @@ __all__ = ["LayerPruningModifier"]
 class LayerPruningModifier(Modifier):
     """Drop the named layers (e.g. ``bert.encoder.layer.5``) from their ``nn.ModuleList``.
 
-    The layers are removed before training (whatever ``start_epoch`` says: a model that changes
+    Names are the model's original ones, as are the ``params`` of every other modifier in the
+    recipe (SparseML semantics). The layers are removed before training (whatever ``start_epoch`` says: a model that changes
     shape mid-run cannot keep its optimizer and checkpoints), and ``config.num_hidden_layers``
     is updated so that ``save_pretrained``/``from_pretrained`` round-trip the smaller model.
     The remaining layers are renumbered from 0.
@@ -30,20 +31,28 @@ class LayerPruningModifier(Modifier):
             raise ValueError("layers must name at least one layer")
         return v
 
+    _targets: list = PrivateAttr(default_factory=list)
+
     def apply_structure(self, state: ModifierState) -> None:
-        """Remove the layers; an unknown layer name or one not inside a ModuleList is an error."""
+        """Find the layers by their original names (an unknown name is an error); dropping
+        happens in :meth:`drop_layers`, after every modifier has resolved its ``params``
+        against the original names (SparseML names never change, so recipes refer to them)."""
         modules = dict(state.model.named_modules())
-        by_parent: dict[str, list[int]] = {}
+        self._targets = []
         for name in self.layers:
             parent, _, index = name.rpartition(".")
             if name not in modules or not index.isdigit() or not isinstance(modules.get(parent), torch.nn.ModuleList):
                 raise self.error("not a layer inside an nn.ModuleList of the model", "layers", name)
-            by_parent.setdefault(parent, []).append(int(index))
-        for parent, drop in by_parent.items():
-            old = modules[parent]
-            kept = [m for i, m in enumerate(old) if i not in set(drop)]
-            holder = modules[parent.rpartition(".")[0]] if "." in parent else state.model
-            setattr(holder, parent.rpartition(".")[2], torch.nn.ModuleList(kept))
-            config = getattr(state.model, "config", None)
-            if config is not None and hasattr(config, "num_hidden_layers") and parent.endswith("encoder.layer"):
-                config.num_hidden_layers = len(kept)
+            self._targets.append((modules[parent], modules[name]))
+
+    def drop_layers(self, state: ModifierState) -> None:
+        """Remove the resolved layers from their ModuleLists (in place) and update the config."""
+        for module_list, layer in self._targets:
+            for i, m in enumerate(module_list):
+                if m is layer:
+                    del module_list[i]
+                    break
+        config = getattr(state.model, "config", None)
+        encoder_layers = [ml for name, ml in state.model.named_modules() if name.endswith("encoder.layer")]
+        if config is not None and hasattr(config, "num_hidden_layers") and encoder_layers:
+            config.num_hidden_layers = len(encoder_layers[0])

@@ -238,11 +238,6 @@ class OBSPruningModifier(GradualPruningModifier):
                 self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._params.items()}
             self.apply_masks()
             return
-        if state.grad_sampler is None:
-            raise RuntimeError(
-                f"{self._where or 'OBSPruningModifier'}: OBS pruning needs gradients, but no grad sampler is set: "
-                "train with sparsebert's SparseTrainer / RecipeCallback integration, use sparsebert.oneshot.oneshot(), "
-                "or set session.state.grad_sampler")
         for i in range(1, self.num_recomputations + 1):
             self._obs_step(state, current + (sparsity - current) * i / self.num_recomputations)
 
@@ -274,7 +269,10 @@ class OBSPruningModifier(GradualPruningModifier):
     def _fisher_inverses(self, state: ModifierState) -> dict[str, BlockFisherInverse]:
         """Sample ``num_grads`` gradients and build every param's block Fisher inverse."""
         if state.grad_sampler is None:
-            raise RuntimeError("OBS pruning needs state.grad_sampler (trainer integration or oneshot)")
+            raise RuntimeError(
+                f"{self._where or 'OBSPruningModifier'}: OBS pruning needs gradients, but no grad sampler is set: "
+                "train with sparsebert's SparseTrainer / RecipeCallback integration, use sparsebert.oneshot.oneshot(), "
+                "or set session.state.grad_sampler")
         finvs = {
             name: BlockFisherInverse(p.numel(), self.fisher_block_size, self.num_grads, self.damp, p.device,
                                      torch.float64 if p.dtype == torch.float64 else torch.float32)
