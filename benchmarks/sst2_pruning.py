@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--output", default="BENCHMARKS.md")
     args = ap.parse_args()
-    runs = ROOT / args.runs_dir
-    (runs / "logs").mkdir(parents=True, exist_ok=True)
+    runs = Path(args.runs_dir)  # relative to the repo root, so the printed commands are too
+    (ROOT / runs / "logs").mkdir(parents=True, exist_ok=True)
     dense = runs / "sst2-dense"
     base = ["sparsebert", "train", "--task", "sst2", "--max-train-samples", str(args.train_samples), "--seed", str(args.seed), "--logging-steps", "50"]
     plan = [
@@ -50,10 +50,10 @@ def main() -> None:
     ]
     rows = []
     for label, out, extra in plan:
-        cmd = base + extra + ["--output-dir", str(out.relative_to(ROOT))]
-        if not (out / "metrics.json").is_file():
-            run(cmd + (["--overwrite"] if out.exists() else []), runs / "logs" / f"{out.name}.log")
-        m = json.loads((out / "metrics.json").read_text())
+        cmd = base + extra + ["--output-dir", str(out)]
+        if not (ROOT / out / "metrics.json").is_file():
+            run(cmd + (["--overwrite"] if (ROOT / out).exists() else []), ROOT / runs / "logs" / f"{out.name}.log")
+        m = json.loads((ROOT / out / "metrics.json").read_text())
         rows.append((label, m, shlex.join(cmd)))
 
     dense_acc = rows[0][1]["validation"]["accuracy"]
