@@ -65,7 +65,8 @@ def _weight(n: int, k: int, sparsity: float, pattern: str, gen):
 def main() -> None:
     args = _parse()
     if args.mkl_avx2 and os.environ.get("MKL_ENABLE_INSTRUCTIONS") != "AVX2":
-        env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+        env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
+                   ATEN_CPU_CAPABILITY="avx2")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     import torch
@@ -92,8 +93,8 @@ def main() -> None:
             x = torch.randn(m, k, generator=gen)
             w_dense = torch.randn(n, k, generator=gen) / k**0.5
             b = torch.randn(n, generator=gen)
-            layers = [SparseLinear.from_dense(_weight(n, k, s, pat, gen), b, pattern=pat, num_threads=args.threads)
-                      for _, s, pat in CONFIGS]
+            layers = [SparseLinear.from_dense(_weight(n, k, s, pat, gen), b, pattern=pat,
+                                              num_threads=args.threads) for _, s, pat in CONFIGS]
             fns = [lambda: F.linear(x, w_dense, b)] + [lambda lin=lin: lin(x) for lin in layers]
             for f in fns:  # warm-up (first-touch, caches, OpenMP pool)
                 f()
