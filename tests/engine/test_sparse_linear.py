@@ -13,7 +13,7 @@ from sparsebert.engine import kernels as kernels_pkg
 from sparsebert.engine import sparse_linear as sl
 
 
-def _sparse_weight(n: int, k: int, sparsity: float, gen: torch.Generator, block4: bool = False) -> torch.Tensor:
+def _sparse_weight(n: int, k: int, sparsity: float, gen: torch.Generator, block4: bool = False):
     w = torch.randn(n, k, generator=gen)
     if block4:  # prune whole groups of 4 inputs
         keep = torch.rand(n, (k + 3) // 4, generator=gen) >= sparsity
@@ -117,7 +117,8 @@ def test_auto_pattern_choice():
     gen = torch.Generator().manual_seed(4)
     assert SparseLinear.from_dense(torch.randn(16, 16, generator=gen), pattern="auto").format == "dense"
     assert SparseLinear.from_dense(_sparse_weight(64, 64, 0.9, gen), pattern="auto").format == "csr"
-    assert SparseLinear.from_dense(_sparse_weight(64, 64, 0.8, gen, block4=True), pattern="auto").format == "block4"
+    blocky = _sparse_weight(64, 64, 0.8, gen, block4=True)
+    assert SparseLinear.from_dense(blocky, pattern="auto").format == "block4"
 
 
 def test_leading_dims_noncontiguous_and_out():
@@ -181,6 +182,7 @@ def test_torch_fallback_when_kernels_unavailable(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
         lin(x)
+        _assert_matches(lin.forward_t(x.t()), _reference(x, w, b).t())
     assert kernel_isa() == "torch"
 
 
@@ -193,3 +195,21 @@ def test_pack_weight_layout_documented():
     assert p["row_ptr"].tolist() == [0, 1, 3, 3, 4]
     assert p["col"].tolist() == [0, 1, 3, 4]
     assert p["val"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block4", "dense"])
+@pytest.mark.parametrize("m", [1, 3, 70, 130])
+def test_feature_major_forward_t(pattern, m):
+    gen = torch.Generator().manual_seed(8)
+    w = _sparse_weight(37, 45, 0.85, gen)
+    b = torch.randn(37, generator=gen)
+    x = torch.randn(m, 45, generator=gen)
+    lin = SparseLinear.from_dense(w, b, pattern=pattern)
+    y_t = lin.forward_t(x.t().contiguous())
+    assert y_t.shape == (37, m)
+    _assert_matches(y_t, _reference(x, w, b).t())
+    out = torch.empty(37, m)
+    assert lin.forward_t(x.t(), out=out) is out
+    _assert_matches(out, _reference(x, w, b).t())
+    with pytest.raises(ValueError, match=r"\[45, M\]"):
+        lin.forward_t(x)

@@ -176,6 +176,7 @@ def test_int8_export_keeps_zeros_and_matches_fake_quant(tmp_path):
         out = export_onnx(src, tmp_path / fmt, task="sst2", precision="int8", int8_format=fmt)
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["precision"] == "int8" and manifest["validation"]["max_abs_diff"] < 1e-4
+        assert manifest["validation"]["max_abs_diff_unfused"] < 1e-5  # the graph computes what QAT computed
         inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
         int8 = [r for r in manifest["sparsity"]["initializers"] if r["dtype"] == "int8"]
         assert len(int8) == 13  # 12 encoder Linears + classifier

@@ -110,6 +110,11 @@ def export_onnx(
         raise ExportError(f"sequence_length {seq_len} > max_position_embeddings {config.max_position_embeddings} of {model_dir / 'config.json'}")
     inputs = tuple(n for n in ALL_INPUTS if n in tokenizer.model_input_names or n == "input_ids")
 
+    qstate = json.loads((model_dir / "quantization.json").read_text()) if precision == "int8" else None
+    if qstate is not None:
+        from .quantize import bake_embeddings
+
+        bake_embeddings(model, qstate)
     dummy = _dummy_inputs(inputs, batch_size or 2, sequence_length or min(16, seq_len), config, seed=0)
     onnx_path = out / "model.onnx"
     with torch.no_grad():
@@ -126,7 +131,6 @@ def export_onnx(
         from ..modifiers.quantization import load_quantized
         from .quantize import quantize_onnx
 
-        qstate = json.loads((model_dir / "quantization.json").read_text())
         proto, param_map = quantize_onnx(proto, param_map, qstate, int8_format)
         onnx.save(proto, str(onnx_path))
         reference = load_quantized(model, qstate)  # fake-quant model: the INT8 graph's reference
@@ -136,6 +140,7 @@ def export_onnx(
     if batch_size is None or sequence_length is None:  # a second shape proves the axes are dynamic
         checks.append(_dummy_inputs(inputs, batch_size or 3, sequence_length or min(11, seq_len), config, seed=1))
     diff = validate_onnx_outputs(onnx_path, reference, spec, checks)
+    graph_diff = validate_onnx_outputs(onnx_path, reference, spec, checks, optimized=False) if precision == "int8" else diff
     if precision == "fp32" and diff > atol:
         raise ExportError(f"{onnx_path}: ONNX Runtime vs PyTorch max |diff| {diff:.3g} > atol {atol}")
     logger.info("exported %s: max |ORT - torch| = %.3g", onnx_path, diff)
@@ -148,12 +153,7 @@ def export_onnx(
         if (model_dir / extra).is_file():
             shutil.copy2(model_dir / extra, out / extra)
 
-    from ..sparsity import encoder_linear_sparsity
-
-    try:
-        enc_sparsity = round(encoder_linear_sparsity(model), 6)
-    except ValueError:
-        enc_sparsity = None
+    enc_sparsity = _encoder_linear_sparsity(model)
     manifest = {
         "format_version": FORMAT_VERSION,
         "task": task_name,
@@ -170,7 +170,7 @@ def export_onnx(
         "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes(inputs, batch_size, sequence_length).items()},
         "opset": OPSET,
         "sparsity": {"encoder_linear": enc_sparsity, "initializers": initializer_sparsity(proto, param_map)},
-        "validation": {"max_abs_diff": diff, "atol": atol if precision == "fp32" else None,
+        "validation": {"max_abs_diff": diff, "max_abs_diff_unfused": graph_diff, "atol": atol if precision == "fp32" else None,
                        "reference": "PyTorch fake-quant (QAT) model" if precision == "int8" else "PyTorch FP32 model",
                        "shapes": [list(c["input_ids"].shape) for c in checks]},
         "source": str(model_dir.resolve()),
@@ -245,11 +245,20 @@ def _dummy_inputs(inputs, batch: int, seq: int, config, seed: int) -> dict[str, 
     return {n: feeds[n] for n in inputs}
 
 
-def validate_onnx_outputs(onnx_path: str | Path, model: torch.nn.Module, spec: ExportSpec, feeds_list: list[dict[str, np.ndarray]]) -> float:
-    """Max |ONNX Runtime - PyTorch| over all outputs and all ``feeds_list`` inputs (float)."""
+def validate_onnx_outputs(onnx_path: str | Path, model: torch.nn.Module, spec: ExportSpec, feeds_list: list[dict[str, np.ndarray]],
+                          optimized: bool = True) -> float:
+    """Max |ONNX Runtime - PyTorch| over all outputs and all ``feeds_list`` inputs (float).
+
+    ``optimized=False`` runs ORT with basic graph optimizations only: an INT8 graph then executes
+    its Q/DQ nodes literally (the graph's own semantics), whereas the full optimization level fuses
+    them into ORT's integer kernels, whose numerics differ slightly.
+    """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     worst = 0.0
     for feeds in feeds_list:
         got = session.run(list(spec.outputs), feeds)
@@ -268,13 +277,16 @@ def map_initializers_to_params(proto, model: torch.nn.Module) -> dict[str, tuple
     """
     from onnx import numpy_helper
 
+    shapes = {tuple(i.dims) for i in proto.graph.initializer if len(i.dims) == 2}
     by_hash: dict[str, tuple[str, bool]] = {}
     for name, p in model.named_parameters():
         if p.dim() != 2:
             continue
         w = p.detach().float().contiguous().numpy()
-        by_hash.setdefault(_digest(w), (name, False))
-        by_hash.setdefault(_digest(np.ascontiguousarray(w.T)), (name, True))
+        if w.shape in shapes:
+            by_hash.setdefault(_digest(w), (name, False))
+        if w.shape[::-1] in shapes:
+            by_hash.setdefault(_digest(np.ascontiguousarray(w.T)), (name, True))
     out = {}
     for init in proto.graph.initializer:
         if len(init.dims) == 2:
@@ -308,6 +320,20 @@ def initializer_sparsity(proto, param_map: dict[str, tuple[str, bool]] | None = 
         rows.append({"name": init.name, "param": param, "transposed": transposed, "shape": list(a.shape),
                      "dtype": str(a.dtype), "zeros": zeros, "sparsity": round(zeros / max(a.size, 1), 6)})
     return rows
+
+
+def _encoder_linear_sparsity(model: torch.nn.Module) -> float | None:
+    """Zeros / elements of the encoder Linear weights (``sparsity.ENCODER_LINEAR_RE``), or ``None``
+    (counted directly: ``sparsity_table`` also detects patterns, which is slow on large models)."""
+    import re
+
+    from ..sparsity import ENCODER_LINEAR_RE
+
+    rx = re.compile(ENCODER_LINEAR_RE)
+    weights = [p.detach() for n, p in model.named_parameters() if rx.match(n)]
+    if not weights:
+        return None
+    return round(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights), 6)
 
 
 def _versions() -> dict[str, str]:

@@ -12,9 +12,10 @@ stay zero. Two graph formats:
   scale; ``DynamicQuantizeLinear`` when QAT did not quantize the input) -> ``MatMulInteger`` ->
   ``Cast`` -> ``Mul`` by ``input_scale * weight_scale`` (-> ``Add`` bias for Gemm).
 
-Embedding tables are stored as their fake-quantized FP32 values (ONNX ``Gather`` has no INT8 kernel;
-a ``DequantizeLinear`` of the whole table would run on every call); an embedding output quantizer
-becomes a Q/DQ pair after the ``Gather``.
+Embedding tables are exported as their fake-quantized FP32 values (:func:`bake_embeddings`; ONNX
+``Gather`` has no INT8 kernel and a ``DequantizeLinear`` of the whole table would run on every call);
+an embedding output quantizer becomes a Q/DQ pair after the ``Gather`` (when the lookup was not
+constant-folded, e.g. position embeddings of a static-length export).
 """
 
 from __future__ import annotations
@@ -23,16 +24,38 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["quantize_onnx", "INT8_FORMATS"]
+__all__ = ["quantize_onnx", "bake_embeddings", "INT8_FORMATS"]
 
 INT8_FORMATS = ("qdq", "qoperator")
 
 
 def _quantize(w: np.ndarray, scale: np.ndarray, axis: int | None, bits: int) -> np.ndarray:
-    """``clamp(round_half_even(w / scale), -qmax, qmax)`` as int8 (scale broadcast along ``axis``)."""
+    """``clamp(round_half_even(w * (1 / scale)), -qmax, qmax)`` as int8 (scale broadcast along ``axis``).
+
+    Computed in float32 with the reciprocal, exactly as ``torch.fake_quantize_per_channel_affine``
+    does, so that values next to a rounding tie land on the same integer as in QAT.
+    """
     qmax = 2 ** (bits - 1) - 1
     s = scale.reshape(-1) if axis is None else scale.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
-    return np.clip(np.round(w / s), -qmax, qmax).astype(np.int8)
+    inv = (np.float32(1.0) / s.astype(np.float32)).astype(np.float32)
+    return np.clip(np.round((w.astype(np.float32) * inv).astype(np.float32)), -qmax, qmax).astype(np.int8)
+
+
+def bake_embeddings(model, qstate: dict[str, Any]) -> None:
+    """Replace each quantized embedding table of ``model`` (in place) by its fake-quantized values.
+
+    Done before ``torch.onnx.export``: a static-shape export constant-folds the position-embedding
+    lookup into a new constant, which could no longer be matched and quantized afterwards.
+    """
+    import torch
+
+    from ..modifiers.quantization import fake_quantize_weight
+
+    with torch.no_grad():
+        for name, entry in qstate["modules"].items():
+            if entry["type"] == "embedding":
+                weight = model.get_submodule(name).weight
+                weight.copy_(fake_quantize_weight(weight, torch.tensor(entry["weight_scale"]), entry["weight_bits"]))
 
 
 def quantize_onnx(proto, param_map: dict[str, tuple[str, bool]], qstate: dict[str, Any], fmt: str = "qdq"):
@@ -64,6 +87,11 @@ def quantize_onnx(proto, param_map: dict[str, tuple[str, bool]], qstate: dict[st
     replaced: dict[int, list] = {}
 
     for module, entry in qstate["modules"].items():
+        if entry["type"] == "embedding":  # tables were baked before export (bake_embeddings)
+            if entry["activation"] is not None and module in by_module:
+                for gather in [n for n in graph.node if by_module[module][0] in n.input]:
+                    _insert_qdq_after(graph, gather.output[0], entry["activation"], f"{module}.output", new_nodes, helper, numpy_helper)
+            continue
         if module not in by_module:
             raise ValueError(f"quantization.json module {module!r}: its weight is not an initializer of the ONNX graph")
         iname, transposed = by_module[module]
@@ -76,15 +104,6 @@ def quantize_onnx(proto, param_map: dict[str, tuple[str, bool]], qstate: dict[st
             raise ValueError(f"{module}: only 8-bit activations can be exported, got {entry['activation_bits']}")
         q = _quantize(w, scale, axis, entry["weight_bits"])
         consumers = [n for n in graph.node if iname in n.input]
-
-        if entry["type"] == "embedding":  # fake-quantized FP32 table (see module docstring)
-            deq = (q.astype(np.float32) * (scale.reshape(-1, 1) if per_channel else scale)).astype(np.float32)
-            inits[iname].CopyFrom(numpy_helper.from_array(deq, iname))
-            if act is not None:
-                for gather in consumers:
-                    _insert_qdq_after(graph, gather.output[0], act, f"{module}.output", new_nodes, helper, numpy_helper)
-            continue
-
         graph.initializer.remove(inits[iname])
         qname = f"{iname}_quantized"
         new_map[qname] = param_map[iname]

@@ -127,10 +127,21 @@ class _WeightFakeQuant:
         self.register_buffer("weight_scale", weight_scales(self.weight, bits, per_channel), persistent=False)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight (scale re-measured from the weight while the observer is on)."""
+        """The fake-quantized weight (scale re-measured from the weight while the observer is on).
+
+        In eval mode without autograd the result is cached until the weight changes (its
+        ``_version``): re-quantizing a 30k-row embedding table on every call is slow.
+        """
+        key = (self.weight._version, self.weight.data_ptr(), self.observer_enabled)
+        cache = getattr(self, "_cached", None)
+        inference = not self.training and not torch.is_grad_enabled()
+        if inference and cache is not None and cache[0] == key:
+            return cache[1]
         if self.observer_enabled:
             self.weight_scale = weight_scales(self.weight, self.weight_bits, self.per_channel)
-        return fake_quantize_weight(self.weight, self.weight_scale, self.weight_bits)
+        out = fake_quantize_weight(self.weight, self.weight_scale, self.weight_bits)
+        self._cached = (key, out) if inference else None
+        return out
 
 
 class QuantLinear(torch.nn.Linear, _WeightFakeQuant):

@@ -130,11 +130,11 @@ def obs_update(w: torch.Tensor, finv: BlockFisherInverse, prune: torch.Tensor) -
     wb, pb = finv.blocks(w.detach()), finv.blocks(prune).bool()
     delta = torch.zeros_like(wb)
     rows = pb.any(dim=1).nonzero().squeeze(1)  # only blocks that lose a weight change
-    eye = torch.eye(finv.block_size, device=wb.device, dtype=wb.dtype)
     for chunk in rows.split(_SOLVE_CHUNK):
         f = finv.f_inv[chunk]  # [k, B, B]
         p = pb[chunk].to(wb.dtype)
-        system = f * p.unsqueeze(2) * p.unsqueeze(1) + eye * (1 - p).unsqueeze(2)
+        system = f * (p.unsqueeze(2) * p.unsqueeze(1))
+        system.diagonal(dim1=1, dim2=2).add_(1 - p)  # identity on the weights that stay
         x = torch.linalg.solve(system, (p * wb[chunk]).unsqueeze(2))
         delta[chunk] = -torch.bmm(f, x).squeeze(2)
     return delta.reshape(-1)[: finv.numel].view(w.shape).to(w.dtype)
