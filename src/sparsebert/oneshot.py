@@ -161,9 +161,12 @@ def run_oneshot(cfg: OneshotConfig) -> dict[str, Any]:
     from .recipe import load_recipe
     from .sparsity import encoder_linear_sparsity
     from .tasks import get_task
-    from .train import prepare_output_dir, write_json_atomic
+    from .train import OutputDirError, prepare_output_dir, write_json_atomic
 
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, resume=False)
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # prepare_output_dir would suggest --resume
+        raise OutputDirError(f"output dir {out} is not empty; pass --overwrite to replace it")
+    out = prepare_output_dir(out, cfg.overwrite, resume=False)
     set_seed(cfg.seed)
     task = get_task(cfg.task)
     model_path = resolve_model(cfg.model)

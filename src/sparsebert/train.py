@@ -154,7 +154,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         report_to=report_to,
         fp16=cfg.fp16,
         bf16=cfg.bf16,
-        use_cpu=cfg.use_cpu,
+        # without an accelerator, say so: accelerate then sets up torch.distributed with gloo under
+        # torchrun (otherwise each process would silently train alone on the full data)
+        use_cpu=cfg.use_cpu or not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # frozen/dropped params leave the graph before DDP wraps
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,

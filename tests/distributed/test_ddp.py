@@ -25,6 +25,16 @@ pruning_modifiers:
     global_sparsity: true
 """
 
+MOVEMENT = GMP.replace("!GMPruningModifier", "!MovementPruningModifier")
+
+# OBS: the empirical Fisher is sampled through the DDP-wrapped model, so every gradient is the
+# all-reduced gradient of a global batch -- the same as one process with the global batch size.
+OBS = GMP.replace("!GMPruningModifier", "!OBSPruningModifier") + """    num_grads: 4
+    fisher_block_size: 8
+    damp: 1e-4
+    num_recomputations: 1
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -54,7 +64,7 @@ def assert_same_masks(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("recipe_text", [GMP], ids=["gmp-global"])
+@pytest.mark.parametrize("recipe_text", [GMP, MOVEMENT, OBS], ids=["gmp-global", "movement-global", "obs-global"])
 def test_two_ranks_match_each_other_and_one_process(tmp_path, recipe_text):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(recipe_text)
@@ -85,3 +95,25 @@ def test_resume_with_a_different_world_size(tmp_path):
     run(tmp_path / "run", recipe, 1, 8, "--resume")
     run(tmp_path / "ref", recipe, 1, 8)
     assert_same_masks(load(tmp_path / "run", 0)["masks"], load(tmp_path / "ref", 0)["masks"])
+
+
+def test_cli_under_torchrun_shards_the_data(tmp_path, shared_data):
+    """`torchrun -m sparsebert train` on a CPU machine really runs DDP: 64 samples, 2 x 8 per step -> 4 steps."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from sparsebert.models import default_model_path
+    from tests_helpers import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tiny = tmp_path / "tiny"
+    BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(tiny)
+    tok.save_pretrained(tiny)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+           "-m", "sparsebert", "train", "--task", "sst2", "--model", str(tiny), "--recipe", str(Path(__file__).parents[2] / "recipes/glue/gmp80-block4.yaml"),
+           "--recipe-args", '{"num_epochs": 1}', "--max-train-samples", "64", "--max-eval-samples", "16", "--batch-size", "8", "--output-dir", str(out)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert r.stdout.count("metrics.json") == 1  # only rank 0 reports

@@ -270,4 +270,4 @@ def test_cli_oneshot(tmp_path, shared_data):
     assert metrics["encoder_sparsity"] == pytest.approx(0.5, abs=0.005) and 0 <= metrics["validation"]["accuracy"] <= 1
     assert sparsity(BertForSequenceClassification.from_pretrained(out)) == pytest.approx(0.5, abs=0.005)
     result = CliRunner().invoke(app, [str(a) for a in args])  # non-empty output dir without --overwrite
-    assert result.exit_code == 2 and "not empty" in result.output
+    assert result.exit_code == 2 and "--overwrite" in result.output and "--resume" not in result.output
