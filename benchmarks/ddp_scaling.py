@@ -17,8 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _report import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- ddp_scaling:begin -->", "<!-- ddp_scaling:end -->"
 
 
 def main() -> None:
@@ -47,23 +48,16 @@ def main() -> None:
         with log.open("w") as f:
             subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         m = json.loads((ROOT / cmd[cmd.index("--output-dir") + 1] / "metrics.json").read_text())
-        rows.append((label, threads, m, f"OMP_NUM_THREADS={threads} " + shlex.join(cmd[1:] if cmd[0] == sys.executable else cmd)))
+        rows.append((label, threads, m, f"OMP_NUM_THREADS={threads} " + shlex.join(["python", *cmd[1:]])))
     base = rows[0][2]["train_wall_seconds"]
-    lines = [BEGIN, f"SST-2 subset {a.train_samples}, 1 epoch, global batch {a.global_batch}, GMP 80% unstructured, "
+    lines = [f"SST-2 subset {a.train_samples}, 1 epoch, global batch {a.global_batch}, GMP 80% unstructured, "
              f"{cores}-core CPU (wall time includes data loading and the final evaluation).", "",
              "| setup | threads/process | train wall time | speedup | dev accuracy | encoder sparsity |", "|---|---|---|---|---|---|"]
     for label, threads, m, _ in rows:
         t = m["train_wall_seconds"]
         lines.append(f"| {label} | {threads} | {t:.0f} s | {base / t:.2f}x | {100 * m['validation']['accuracy']:.2f} | {100 * m['encoder_sparsity']:.2f}% |")
-    lines += ["", "```"] + [c for *_, c in rows] + ["```", f"Reproduce: `python benchmarks/ddp_scaling.py --train-samples {a.train_samples} --nproc {a.nproc}`", END]
-    block = "\n".join(lines)
-    path = ROOT / a.output
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n## Scale-out: 1 vs N processes (torchrun)\n\n" + block + "\n"
-    path.write_text(text)
+    lines += ["", "```"] + [c for *_, c in rows] + ["```", f"Reproduce: `python benchmarks/ddp_scaling.py --train-samples {a.train_samples} --nproc {a.nproc}`"]
+    block = write_section(ROOT / a.output, "ddp_scaling", "Scale-out: 1 vs N processes (torchrun)", "\n".join(lines))
     print(block)
 
 

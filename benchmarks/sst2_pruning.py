@@ -20,8 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _report import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- sst2_pruning:begin -->", "<!-- sst2_pruning:end -->"
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -58,7 +59,6 @@ def main() -> None:
 
     dense_acc = rows[0][1]["validation"]["accuracy"]
     lines = [
-        BEGIN,
         f"SST-2, packaged all-MiniLM-L6-v2, train subset {args.train_samples} of 67,349 (seeded), full dev (872), "
         f"seq 128, batch 32, seed {args.seed}, 2 CPU cores. (b) and (c) start from (a) and distill from it.",
         "",
@@ -72,16 +72,8 @@ def main() -> None:
             f"{m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |"
         )
     lines += ["", "Commands (each run's log is in `runs/logs/`):", "", "```"]
-    lines += [c for _, _, c in rows] + ["```", f"Reproduce all: `python benchmarks/sst2_pruning.py --train-samples {args.train_samples}`", END]
-    block = "\n".join(lines)
-
-    path = ROOT / args.output
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n## SST-2: dense vs GMP + KD (main job)\n\n" + block + "\n"
-    path.write_text(text)
+    lines += [c for _, _, c in rows] + ["```", f"Reproduce all: `python benchmarks/sst2_pruning.py --train-samples {args.train_samples}`"]
+    block = write_section(ROOT / args.output, "sst2_pruning", "SST-2: dense vs GMP + KD (main job)", "\n".join(lines))
     print(block)
 
 

@@ -78,13 +78,7 @@ def train(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, logging_steps=logging_steps, overwrite=overwrite, resume=resume, fp16=fp16, bf16=bf16,
     )
-    try:
-        metrics = run_train(cfg)
-    except (RecipeError, DataError, OutputDirError, ValueError, RuntimeError) as e:
-        _fail(str(e))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
-        _print_metrics(metrics)
-        console.print(f"[bold green]model:[/] {output_dir}   [bold green]metrics:[/] {output_dir / 'metrics.json'}")
+    _run_and_report(run_train, cfg, output_dir)
 
 
 @app.command()
@@ -149,6 +143,22 @@ def sparsity(
     console.print(table)
 
 
+def _run_and_report(run, cfg, output_dir: Path) -> None:
+    """Run a job (``run_train``/``run_oneshot``); turn input errors into a clean exit 2; print the
+    metrics and where the model and metrics are (rank 0 only under torchrun)."""
+    from .recipe import RecipeError
+    from .tasks import DataError
+    from .train import OutputDirError
+
+    try:
+        metrics = run(cfg)
+    except (RecipeError, DataError, OutputDirError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    if os.environ.get("RANK", "0") == "0":
+        _print_metrics(metrics)
+        console.print(f"[bold green]model:[/] {output_dir}   [bold green]metrics:[/] {output_dir / 'metrics.json'}")
+
+
 def _print_metrics(metrics: dict) -> None:
     table = Table(title="metrics")
     table.add_column("name")
@@ -202,13 +212,7 @@ def oneshot(
         num_calibration_samples=num_calibration_samples, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
         overwrite=overwrite,
     )
-    try:
-        metrics = run_oneshot(cfg)
-    except (RecipeError, DataError, OutputDirError, ValueError, RuntimeError) as e:
-        _fail(str(e))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
-        _print_metrics(metrics)
-        console.print(f"[bold green]model:[/] {output_dir}   [bold green]metrics:[/] {output_dir / 'metrics.json'}")
+    _run_and_report(run_oneshot, cfg, output_dir)
 
 
 @app.command("export")
