@@ -62,15 +62,9 @@ def train(
     bf16: bool = typer.Option(False),
 ):
     """Fine-tune (and sparsify, with a recipe) a model on a task."""
-    from .recipe import RecipeError
-    from .tasks import DataError
-    from .train import OutputDirError, TrainConfig, run_train
+    from .train import TrainConfig, run_train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        overrides = json.loads(recipe_args) if recipe_args else None
-    except json.JSONDecodeError as e:
-        _fail(f"--recipe-args is not JSON: {e}")
+    overrides = _start_job(recipe_args)
     cfg = TrainConfig(
         task=task, output_dir=str(output_dir), model=model, recipe=str(recipe) if recipe else None, recipe_args=overrides,
         teacher=teacher,
@@ -143,6 +137,15 @@ def sparsity(
     console.print(table)
 
 
+def _start_job(recipe_args: str | None) -> dict | None:
+    """Set up logging for a job and parse ``--recipe-args`` (JSON object of recipe variable overrides)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return json.loads(recipe_args) if recipe_args else None
+    except json.JSONDecodeError as e:
+        _fail(f"--recipe-args is not JSON: {e}")
+
+
 def _run_and_report(run, cfg, output_dir: Path) -> None:
     """Run a job (``run_train``/``run_oneshot``); turn input errors into a clean exit 2; print the
     metrics and where the model and metrics are (rank 0 only under torchrun)."""
@@ -197,15 +200,8 @@ def oneshot(
 ):
     """Prune a model one-shot (no training) with a recipe, evaluate it on the task's dev split(s), save it."""
     from .oneshot import OneshotConfig, run_oneshot
-    from .recipe import RecipeError
-    from .tasks import DataError
-    from .train import OutputDirError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        overrides = json.loads(recipe_args) if recipe_args else None
-    except json.JSONDecodeError as e:
-        _fail(f"--recipe-args is not JSON: {e}")
+    overrides = _start_job(recipe_args)
     cfg = OneshotConfig(
         task=task, recipe=str(recipe), output_dir=str(output_dir), model=model, recipe_args=overrides,
         data=_data_args(data_dir, None, None, max_seq_length, None, max_eval_samples, seed, doc_stride, split_by_article, task),

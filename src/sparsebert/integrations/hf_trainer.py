@@ -17,7 +17,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
