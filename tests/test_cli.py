@@ -80,7 +80,7 @@ def test_train_evaluate_sparsity_end_to_end(tiny_dir, tmp_path, shared_data):
     recipe.write_text(RECIPE)
     out = tmp_path / "run"
     common = ["--task", "sst2", "--model", tiny_dir, "--max-train-samples", 64, "--max-eval-samples", 32, "--batch-size", 16, "--logging-steps", 2]
-    code, output = invoke("train", *common, "--recipe", recipe, "--teacher", tiny_dir, "--output-dir", out)
+    code, output = invoke("train", *common, "--recipe", recipe, "--teacher", tiny_dir, "--eval-each-epoch", "--output-dir", out)
     assert code == 0, output
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
@@ -88,6 +88,8 @@ def test_train_evaluate_sparsity_end_to_end(tiny_dir, tmp_path, shared_data):
     assert (out / "recipe.yaml").is_file() and (out / "config.json").is_file()
     logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in logs) and any(k.startswith("sparsity/") for r in logs for k in r)
+    curve = [r for r in logs if "eval_validation_accuracy" in r]  # --eval-each-epoch: one point per epoch
+    assert len(curve) == round(metrics["epochs"]), logs
     saved = BertForSequenceClassification.from_pretrained(out)
     for name, p in saved.named_parameters():
         if "encoder" in name and name.endswith("dense.weight") or name.endswith(("query.weight", "key.weight", "value.weight")):

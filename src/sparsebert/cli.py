@@ -60,6 +60,7 @@ def train(
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in the output dir."),
     fp16: bool = typer.Option(False),
     bf16: bool = typer.Option(False),
+    eval_each_epoch: bool = typer.Option(False, help="Evaluate at each epoch end (logged to train_log.jsonl)."),
 ):
     """Fine-tune (and sparsify, with a recipe) a model on a task."""
     from .train import TrainConfig, run_train
@@ -71,6 +72,7 @@ def train(
         data=_data_args(data_dir, train_file, validation_file, max_seq_length, max_train_samples, max_eval_samples, seed, doc_stride, split_by_article, task),
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, logging_steps=logging_steps, overwrite=overwrite, resume=resume, fp16=fp16, bf16=bf16,
+        eval_each_epoch=eval_each_epoch,
     )
     _run_and_report(run_train, cfg, output_dir)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
 from .integrations import JsonlLoggerCallback, SparseTrainer
 from .models import resolve_model
@@ -58,6 +58,7 @@ class TrainConfig:
     fp16: bool = False
     bf16: bool = False
     use_cpu: bool = False
+    eval_each_epoch: bool = False
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
@@ -172,6 +173,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         processing_class=tokenizer,
     )
     trainer.add_callback(JsonlLoggerCallback(out / "train_log.jsonl"))
+    if cfg.eval_each_epoch:
+        trainer.add_callback(EpochEvalCallback(trainer, task, data))
     train_result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
     train_seconds = time.time() - t0
 
@@ -194,6 +197,25 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         task.save_predictions(out)
         write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+class EpochEvalCallback(TrainerCallback):
+    """Evaluate every eval split at each epoch end and log ``eval_<split>_<metric>`` (a learning curve).
+
+    Runs on every rank (evaluation is distributed under DDP); the Trainer's loggers write on rank 0.
+    """
+
+    def __init__(self, trainer, task, data):
+        self.trainer, self.task, self.data = trainer, task, data
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        logs = {}
+        for split in self.data.evals:
+            for k, v in self.task.evaluate(self.trainer, split, self.data).items():
+                if isinstance(v, (int, float)):
+                    logs[f"eval_{split}_{k}"] = v
+        self.trainer.model.train()  # evaluation switched to eval mode; the next steps train
+        self.trainer.log(logs)
 
 
 def _check_same_head(model, teacher, teacher_path: str) -> None:
