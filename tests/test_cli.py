@@ -170,3 +170,25 @@ def test_squad_train_through_cli(tmp_path, shared_data):
     assert metrics["encoder_sparsity"] == pytest.approx(0.5, abs=0.005)
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds) == 12 and all(isinstance(v, str) for v in preds.values())
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_mixed_precision_keeps_masks_and_kd(tiny_dir, tmp_path, shared_data, precision):
+    """--bf16/--fp16 pass through to the Trainer (CPU autocast here); masks stay exact, KD loss finite."""
+    import math
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "run"
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--teacher", tiny_dir, "--recipe", recipe, precision,
+                          "--max-train-samples", 64, "--max-eval-samples", 16, "--batch-size", 16, "--logging-steps", 1, "--output-dir", out)
+    assert code == 0, output
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert getattr(args, precision[2:]) is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["encoder_sparsity"] == pytest.approx(0.75, abs=0.005) and math.isfinite(metrics["train_loss"])
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in logs if "loss" in r)
+    saved = BertForSequenceClassification.from_pretrained(out)
+    w = saved.bert.encoder.layer[0].intermediate.dense.weight
+    assert w.dtype == torch.float32 and (w == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)

@@ -90,16 +90,25 @@ def evaluate(
     batch_size: int = typer.Option(64),
     seed: int = typer.Option(42),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this file."),
+    engine: str = typer.Option("onnxruntime", help="For a deployment folder (manifest.json): the engine that runs it."),
 ):
-    """Evaluate a model on the task's dev split(s)."""
+    """Evaluate a model (trained folder, HF id, or `sparsebert export` deployment folder) on the task's dev split(s)."""
+    from .deployment import DeploymentError
     from .evaluate import run_evaluate
+    from .export import evaluate_onnx
     from .tasks import DataError
 
-    if not Path(model).exists() and model.startswith((".", "/", "runs")):
+    if not Path(model).exists() and model.startswith((".", "/", "runs", "deploy")):
         _fail(f"model folder not found: {model}")
+    data = _data_args(data_dir, None, validation_file, max_seq_length, None, max_eval_samples, seed, doc_stride, split_by_article, task)
     try:
-        metrics = run_evaluate(task, model, _data_args(data_dir, None, validation_file, max_seq_length, None, max_eval_samples, seed, doc_stride, split_by_article, task), batch_size)
-    except (DataError, ValueError, OSError) as e:
+        if (Path(model) / "manifest.json").is_file():
+            if max_seq_length is None:  # the deployment's own max_seq_length, not the CLI default
+                data.max_seq_length = json.loads((Path(model) / "manifest.json").read_text())["max_seq_length"]
+            metrics = evaluate_onnx(model, task, data, engine=engine, batch_size=batch_size)
+        else:
+            metrics = run_evaluate(task, model, data, batch_size)
+    except (DataError, DeploymentError, ValueError, OSError) as e:
         _fail(str(e))
     _print_metrics(metrics)
     if json_out:

@@ -97,8 +97,17 @@ def test_resume_with_a_different_world_size(tmp_path):
     assert_same_masks(load(tmp_path / "run", 0)["masks"], load(tmp_path / "ref", 0)["masks"])
 
 
-def test_cli_under_torchrun_shards_the_data(tmp_path, shared_data):
-    """`torchrun -m sparsebert train` on a CPU machine really runs DDP: 64 samples, 2 x 8 per step -> 4 steps."""
+LAUNCHERS = {
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}"],
+    # accelerate's multi-process launcher (it wraps torch.distributed.run); its `--cpu` would start one process
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_cli_under_launcher_shards_the_data(tmp_path, shared_data, launcher):
+    """`torchrun`/`accelerate launch` `-m sparsebert train` on a CPU machine really runs DDP: 64 samples, 2 x 8 per step -> 4 steps."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from sparsebert.models import default_model_path
@@ -109,8 +118,7 @@ def test_cli_under_torchrun_shards_the_data(tmp_path, shared_data):
     BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(tiny)
     tok.save_pretrained(tiny)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "sparsebert", "train", "--task", "sst2", "--model", str(tiny), "--recipe", str(Path(__file__).parents[2] / "recipes/glue/gmp80-block4.yaml"),
+    cmd = [*LAUNCHERS[launcher](free_port()), "-m", "sparsebert", "train", "--task", "sst2", "--model", str(tiny), "--recipe", str(Path(__file__).parents[2] / "recipes/glue/gmp80-block4.yaml"),
            "--recipe-args", '{"num_epochs": 1}', "--max-train-samples", "64", "--max-eval-samples", "16", "--batch-size", "8", "--output-dir", str(out)]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -38,3 +38,20 @@ def test_task_kind_needs_a_task_name(tmp_path):
     deploy = export_onnx(save_tiny_model(tmp_path / "m"), tmp_path / "d")  # task inferred: text-classification
     with pytest.raises(DeploymentError, match="pass a task name"):
         evaluate_onnx(deploy)
+
+
+def test_cli_evaluate_takes_a_deployment_folder(tmp_path, shared_data):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsebert.cli import app
+
+    src = save_tiny_model(tmp_path / "m", prune=0.5)
+    deploy = export_onnx(src, tmp_path / "d", task="sst2")
+    ref = evaluate_onnx(deploy, data_args=DataArgs(max_seq_length=128, max_eval_samples=16), batch_size=8)
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(app, ["evaluate", "--task", "sst2", "--model", str(deploy), "--max-eval-samples", "16", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    got = json.loads(out.read_text())
+    assert got["engine"] == "onnxruntime" and got["validation"] == pytest.approx(ref["validation"])
