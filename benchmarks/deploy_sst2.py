@@ -141,9 +141,9 @@ def main() -> None:
     # 3. dev accuracy of each deployment folder (ORT), plus the PyTorch references
     rows = []
     for name, (src, out, prec) in targets.items():
-        mfile = ROOT / out / "eval.json"
+        mfile = out / "eval.json"
         run([*SBT, "evaluate", "--task", "sst2", "--model", str(out), "--json", str(mfile)], log)
-        acc = json.loads(mfile.read_text())["validation"]["accuracy"]
+        acc = json.loads((ROOT / mfile).read_text())["validation"]["accuracy"]
         manifest = json.loads((ROOT / out / "manifest.json").read_text())
         torch_acc = json.loads((ROOT / src / "metrics.json").read_text())["validation"]["accuracy"]
         rows.append((name, prec, acc, torch_acc, manifest["sparsity"]["encoder_linear"], manifest["validation"]["max_abs_diff"]))
@@ -157,7 +157,7 @@ def main() -> None:
         bench[bs] = json.loads(out)
 
     # 5. serving
-    srv = serve_load(ROOT / targets["sparse INT8"][1], a.requests, a.malformed, log)
+    srv = serve_load(targets["sparse INT8"][1], a.requests, a.malformed, log)
 
     # report
     lines = [f"Pruned model `{pruned}` (stage 1), QAT `{qat}` ({qat_metrics['train_samples']} sentences, "
