@@ -170,6 +170,8 @@ def test_squad_train_through_cli(tmp_path, shared_data):
     assert metrics["encoder_sparsity"] == pytest.approx(0.5, abs=0.005)
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds) == 12 and all(isinstance(v, str) for v in preds.values())
+    split = json.loads((out / "article_split.json").read_text())  # default split of the dev file, saved
+    assert split["spec"] == "36:12" and len(split["eval_titles"]) == 12 and not set(split["train_titles"]) & set(split["eval_titles"])
 
 
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])

@@ -122,3 +122,30 @@ def test_shipped_recipes_load():
     assert len(recipes) >= 7
     for path in recipes:
         load_recipe(path)
+
+
+def test_shipped_recipes_apply_to_their_task_model():
+    """Every shipped recipe validates against a 6-layer BERT with its task head: `params` resolve,
+    layers exist, block4 shapes divide; the recipe's structure changes (layer dropping) take effect."""
+    from pathlib import Path
+
+    import torch
+    from transformers import BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification
+
+    from sparsebert import RecipeSession
+    from tests_helpers import tiny_config
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml")):
+        if path.parent.name == "squad":
+            cls = BertForQuestionAnswering
+        elif path.parent.name == "prune_ofa" and path.name.startswith(("teacher", "student")):
+            cls = BertForMaskedLM
+        else:
+            cls = BertForSequenceClassification
+        torch.manual_seed(0)
+        model = cls(tiny_config(num_hidden_layers=6))
+        teacher = cls(tiny_config(num_hidden_layers=6))
+        session = RecipeSession(path, model, teacher=teacher)
+        assert session.modifiers, path
+        if "layerdrop3" in path.name:
+            assert model.config.num_hidden_layers == 3 and len(model.bert.encoder.layer) == 3

@@ -444,8 +444,14 @@ class SquadTask(Task):
         """Write ``predictions.json`` (official format, id -> answer text) for each evaluated split.
 
         The ``validation`` split goes to ``predictions.json``; other splits to ``predictions_<split>.json``.
+        A split by article is saved as ``article_split.json`` (file, spec, seed, train/eval titles), so the
+        evaluation articles of a run can be checked and reused.
         """
         written = []
+        if getattr(self, "article_split", None):
+            path = Path(output_dir) / "article_split.json"
+            path.write_text(json.dumps(self.article_split, indent=1), encoding="utf-8")
+            written.append(path)
         for split, preds in self.last_predictions.items():
             name = "predictions.json" if split == "validation" else f"predictions_{split}.json"
             written.append(write_predictions(preds, Path(output_dir) / name))
