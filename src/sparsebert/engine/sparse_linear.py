@@ -339,6 +339,25 @@ class SparseLinear(torch.nn.Module):
                         _FMT_CODE[self.format], self.k_chunk, self.n_block, threads, out,
                         x_t=True, y_t=True)
 
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False) -> torch.Tensor:
+        """Unchecked 2-D entry point for engines: ``x`` float32 ``[M, K]`` (``[K, M]`` when
+        ``x_t``) -> a new float32 ``[M, N]`` (``[N, M]`` when ``y_t``). Any mix of layouts:
+        feature-major activations between two layers skip the kernel's transposes."""
+        x = x.contiguous()
+        mod = _kernels.load() if self.format != "dense" else None
+        if mod is None:
+            w = self.weight if self.format == "dense" else self._fallback_weight()
+            b = self.bias
+            if y_t:  # Y^T = W @ X^T (+ b[:, None])
+                xt = x if x_t else x.t()
+                return torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
+            xm = x.t() if x_t else x
+            return F.linear(xm, w, b)
+        threads = self.num_threads or torch.get_num_threads()
+        return mod.spmm(x, self.order, self.row_ptr, self.col, self.val, self.bias, self.out_features,
+                        _FMT_CODE[self.format], self.k_chunk, self.n_block, threads, None, x_t=x_t, y_t=y_t)
+
     def _dense(self, x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor | None) -> torch.Tensor:
         if out2 is None:
             return F.linear(x2, w, self.bias)

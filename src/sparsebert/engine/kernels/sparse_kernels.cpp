@@ -12,6 +12,7 @@
 //   count repeats from row to row and its exit branch is predicted (measured +25-35%).
 //   CSR    : col[e] = k,                         val[e]           = W[n, k]
 //   BLOCK4 : col[e] = k (multiple of 4),         val[4e .. 4e+3]  = W[n, k .. k+3]
+//   Q8     : as BLOCK4 with int8 values (per-output-channel symmetric weights, scale wscale[n])
 //
 // Strategy (the XNNPACK / DeepSparse "sparse x NCHW" idea applied to tokens):
 //   * Split M into tiles of W8 = 8*R tokens (R <= 8 AVX2 registers; a ragged last tile
@@ -26,6 +27,14 @@
 //   * Work items are (M tile, N range) pairs; N is only split when there are too few M
 //     tiles to keep all threads busy (small batches).
 //
+// INT8 (Q8, spmm_q8): X is quantized per tensor on the fly while its tile is packed, to 7-bit
+// unsigned values (q = clamp(round(x / sx) + zp, 0, 127), "reduce_range" as in FBGEMM / ONNX
+// Runtime on CPUs without VNNI) laid out XQ[k/4][W8][4] (the 4 inputs of a quad next to each
+// other per token). Per stored quad and 8 tokens: _mm256_maddubs_epi16 (u8 x s8 -> pairs summed to
+// int16; 7-bit activations keep 2 * 127 * 127 below the int16 saturation point) then
+// _mm256_madd_epi16 with ones (-> int32) and an int32 add. The int32 tile is turned back to
+// float once per block:  y = float(acc - zp * wsum[n]) * (sx * wscale[n]) + bias[n].
+//
 // ISA: the AVX2/FMA code is compiled through __attribute__((target)) and chosen at run
 // time with __builtin_cpu_supports, so one cached build runs on any x86-64 CPU; the
 // portable path (plain C++ the compiler may auto-vectorise) is used elsewhere, incl. ARM.
@@ -39,6 +48,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -62,7 +73,7 @@ constexpr int kMaxR = 8;          // accumulators per output row -> widest tile:
 constexpr int kMaxW = 8 * kMaxR;  // widest M tile
 constexpr int kGroup = 8;         // output rows per 8x8 output transpose
 
-enum class Format { CSR, BLOCK4 };
+enum class Format { CSR, BLOCK4, Q8 };
 
 bool cpu_has_avx2_fma() {
 #if SB_X86
@@ -104,7 +115,16 @@ struct Problem {
   int64_t n_kc;             // number of K chunks
   int64_t nb;               // output rows per block
   bool x_t, y_t;            // feature-major ("transposed") activations: no transposes needed
+  // Q8 only
+  const int8_t* qval = nullptr;    // [4 * entries] int8 weights, a quad per entry
+  const float* wscale = nullptr;   // [N] weight scale per output row
+  const int32_t* wsum = nullptr;   // [N] sum of the row's int8 weights (zero-point correction)
+  float x_scale = 1.0f, x_inv_scale = 1.0f;
+  int32_t x_zp = 0;
 };
+
+// Threads of the last parallel region (reported to Python for checks).
+std::atomic<int> g_last_threads{0};
 
 // Feature-major I/O: XT tile rows are plain copies, Y^T rows plain stores (+ bias).
 // Compiled twice (portable / AVX2) so the copy loops vectorise to the target.
@@ -188,6 +208,74 @@ void item_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int6
     }
     for (int64_t g = nb0; g < nb1; g += kGroup)
       store_yt_generic(p, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+  }
+}
+
+// ---- Q8 (portable) ----
+
+inline uint8_t quantize_generic(float x, float inv, int32_t zp) {
+  const int32_t q = static_cast<int32_t>(std::nearbyint(x * inv)) + zp;
+  return static_cast<uint8_t>(q < 0 ? 0 : (q > 127 ? 127 : q));
+}
+
+// XQ byte (k, j) at ((k / 4) * W8 + j) * 4 + k % 4 = k * W8 + 4 j for k a multiple of 4;
+// zero for w <= j < W8 and K <= k < Kpad (their weights or outputs are never used).
+void pack_xq_generic(const Problem& p, int64_t m0, int64_t w, int W8, uint8_t* xq) {
+  for (int64_t k = 0; k < p.Kpad; ++k)
+    for (int j = 0; j < W8; ++j) {
+      uint8_t q = 0;
+      if (j < w && k < p.K) {
+        const float v = p.x_t ? p.x[k * p.M + m0 + j] : p.x[(m0 + j) * p.K + k];
+        q = quantize_generic(v, p.x_inv_scale, p.x_zp);
+      }
+      xq[((k >> 2) * W8 + j) * 4 + (k & 3)] = q;
+    }
+}
+
+void q8_row_generic(const uint8_t* xq, int W8, const int32_t* col, const int8_t* qval,
+                    int64_t e0, int64_t e1, int32_t* out) {
+  int32_t acc[kMaxW];
+  for (int j = 0; j < W8; ++j) acc[j] = out[j];
+  for (int64_t e = e0; e < e1; ++e) {
+    const uint8_t* xr = xq + static_cast<int64_t>(col[e]) * W8;
+    const int8_t* wv = qval + 4 * e;
+    for (int j = 0; j < W8; ++j)
+      acc[j] += xr[4 * j] * wv[0] + xr[4 * j + 1] * wv[1] + xr[4 * j + 2] * wv[2] + xr[4 * j + 3] * wv[3];
+  }
+  for (int j = 0; j < W8; ++j) out[j] = acc[j];
+}
+
+// int32 accumulators of output rows n0 .. n0+rows (YT rows) -> float, in place.
+void q8_dequant_generic(const Problem& p, int32_t* yt, int W8, int64_t n0, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = n0 + i;
+    const int32_t c = p.x_zp * p.wsum[n];
+    const float s = p.x_scale * p.wscale[n], b = p.bias ? p.bias[n] : 0.0f;
+    int32_t* a = yt + i * W8;
+    float* f = reinterpret_cast<float*>(a);
+    for (int j = 0; j < W8; ++j) f[j] = static_cast<float>(a[j] - c) * s + b;
+  }
+}
+
+void item_q8_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int64_t n_end,
+                     uint8_t* xq, int32_t* yt, bool xq_ready) {
+  const int W8 = static_cast<int>((w + 7) / 8) * 8;
+  if (!xq_ready) pack_xq_generic(p, m0, w, W8, xq);
+  Problem pf = p;
+  pf.bias = nullptr;  // added by the dequantization
+  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
+    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
+    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W8);
+    for (int64_t c = 0; c < p.n_kc; ++c) {
+      const int32_t* rp = p.row_ptr + c * p.N;
+      const int32_t* ord = p.order + c * p.N;
+      for (int64_t i = nb0; i < nb1; ++i)
+        q8_row_generic(xq, W8, p.col, p.qval, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
+    }
+    q8_dequant_generic(p, yt, W8, nb0, nb1 - nb0);
+    const float* ytf = reinterpret_cast<const float*>(yt);
+    for (int64_t g = nb0; g < nb1; g += kGroup)
+      store_yt_generic(pf, ytf + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
 }
 
@@ -348,6 +436,150 @@ SB_AVX2 void item_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_begin,
   }
 }
 
+// ---- Q8 (AVX2) ----
+
+// 8 floats -> 8 int32 in [0, 127]: clamp(round_half_even(x * inv) + zp, 0, 127).
+SB_AVX2 inline __m256i quantize8_avx2(__m256 x, __m256 inv, __m256i zp) {
+  const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x, inv)), zp);
+  return _mm256_min_epi32(_mm256_max_epi32(q, _mm256_setzero_si256()), _mm256_set1_epi32(127));
+}
+
+// Four vectors of 8 tokens (inputs k .. k+3, each value in [0, 127]) -> one vector of 8 quads.
+SB_AVX2 inline __m256i quad_avx2(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  return _mm256_or_si256(_mm256_or_si256(q0, _mm256_slli_epi32(q1, 8)),
+                         _mm256_or_si256(_mm256_slli_epi32(q2, 16), _mm256_slli_epi32(q3, 24)));
+}
+
+SB_AVX2 void pack_xq_avx2(const Problem& p, int64_t m0, int64_t w, int W8, uint8_t* xq) {
+  const __m256 inv = _mm256_set1_ps(p.x_inv_scale);
+  const __m256i zp = _mm256_set1_epi32(p.x_zp);
+  const int64_t K = p.K;
+  for (int64_t j0 = 0; j0 < W8; j0 += 8) {
+    if (j0 + 8 > w) {  // ragged last tokens: portable code for this 8-token column
+      for (int64_t k = 0; k < p.Kpad; ++k)
+        for (int j = 0; j < 8; ++j) {
+          uint8_t q = 0;
+          if (j0 + j < w && k < K) {
+            const int64_t m = m0 + j0 + j;
+            q = quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], p.x_inv_scale, p.x_zp);
+          }
+          xq[((k >> 2) * W8 + j0 + j) * 4 + (k & 3)] = q;
+        }
+      continue;
+    }
+    int64_t k = 0;
+    if (p.x_t) {  // rows of X^T are 8 tokens already
+      for (; k + 4 <= K; k += 4) {
+        const float* src = p.x + k * p.M + m0 + j0;
+        const __m256i v = quad_avx2(quantize8_avx2(_mm256_loadu_ps(src), inv, zp),
+                                    quantize8_avx2(_mm256_loadu_ps(src + p.M), inv, zp),
+                                    quantize8_avx2(_mm256_loadu_ps(src + 2 * p.M), inv, zp),
+                                    quantize8_avx2(_mm256_loadu_ps(src + 3 * p.M), inv, zp));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(xq + k * W8 + 4 * j0), v);
+      }
+    } else {  // 8 tokens x 8 inputs through an 8x8 transpose
+      const float* src = p.x + (m0 + j0) * K;
+      for (; k + 8 <= K; k += 8) {
+        __m256 r0 = _mm256_loadu_ps(src + 0 * K + k), r1 = _mm256_loadu_ps(src + 1 * K + k);
+        __m256 r2 = _mm256_loadu_ps(src + 2 * K + k), r3 = _mm256_loadu_ps(src + 3 * K + k);
+        __m256 r4 = _mm256_loadu_ps(src + 4 * K + k), r5 = _mm256_loadu_ps(src + 5 * K + k);
+        __m256 r6 = _mm256_loadu_ps(src + 6 * K + k), r7 = _mm256_loadu_ps(src + 7 * K + k);
+        transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7);
+        const __m256i a = quad_avx2(quantize8_avx2(r0, inv, zp), quantize8_avx2(r1, inv, zp),
+                                    quantize8_avx2(r2, inv, zp), quantize8_avx2(r3, inv, zp));
+        const __m256i b = quad_avx2(quantize8_avx2(r4, inv, zp), quantize8_avx2(r5, inv, zp),
+                                    quantize8_avx2(r6, inv, zp), quantize8_avx2(r7, inv, zp));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(xq + k * W8 + 4 * j0), a);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(xq + (k + 4) * W8 + 4 * j0), b);
+      }
+    }
+    for (; k < p.Kpad; ++k)  // K tail (and padding to a multiple of 4)
+      for (int j = 0; j < 8; ++j) {
+        const int64_t m = m0 + j0 + j;
+        xq[((k >> 2) * W8 + j0 + j) * 4 + (k & 3)] =
+            k < K ? quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], p.x_inv_scale, p.x_zp) : 0;
+      }
+  }
+}
+
+// THE INT8 HOT LOOP: out[0 .. 8R) (int32) += sum_e  XQ[quad col_e, token] . w_e (4 products).
+template <int R>
+SB_AVX2 inline void q8_row_avx2(const uint8_t* __restrict xq, const int32_t* __restrict col,
+                                const int32_t* __restrict wq, int64_t e0, int64_t e1,
+                                int32_t* __restrict out) {
+  constexpr int W8 = 8 * R;
+  if (e0 == e1) return;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(out + 8 * r));
+#pragma GCC unroll 2
+  for (int64_t e = e0; e < e1; ++e) {
+    const __m256i w = _mm256_set1_epi32(wq[e]);
+    const uint8_t* xr = xq + static_cast<int64_t>(col[e]) * W8;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xr + 32 * r));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8 * r), acc[r]);
+}
+
+SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t n0, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = n0 + i;
+    const __m256i c = _mm256_set1_epi32(p.x_zp * p.wsum[n]);
+    const __m256 s = _mm256_set1_ps(p.x_scale * p.wscale[n]);
+    const __m256 b = _mm256_set1_ps(p.bias ? p.bias[n] : 0.0f);
+    int32_t* a = yt + i * W8;
+    for (int j = 0; j < W8; j += 8) {
+      const __m256i v = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + j)), c);
+      _mm256_store_ps(reinterpret_cast<float*>(a + j), _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, b));
+    }
+  }
+}
+
+template <int R>
+SB_AVX2 void q8_rows_avx2(const Problem& p, const uint8_t* xq, int64_t m0, int64_t w,
+                          int64_t n_begin, int64_t n_end, int32_t* yt) {
+  constexpr int W8 = 8 * R;
+  Problem pf = p;
+  pf.bias = nullptr;  // added by the dequantization
+  const int32_t* wq = reinterpret_cast<const int32_t*>(p.qval);
+  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
+    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
+    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W8);
+    for (int64_t c = 0; c < p.n_kc; ++c) {
+      const int32_t* rp = p.row_ptr + c * p.N;
+      const int32_t* ord = p.order + c * p.N;
+      for (int64_t i = nb0; i < nb1; ++i)
+        q8_row_avx2<R>(xq, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
+    }
+    q8_dequant_avx2(p, yt, W8, nb0, nb1 - nb0);
+    const float* ytf = reinterpret_cast<const float*>(yt);
+    for (int64_t g = nb0; g < nb1; g += kGroup)
+      store_yt_avx2(pf, ytf + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+  }
+}
+
+SB_AVX2 void item_q8_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_begin,
+                          int64_t n_end, uint8_t* xq, int32_t* yt, bool xq_ready) {
+  const int R = static_cast<int>((w + 7) / 8);
+  if (!xq_ready) pack_xq_avx2(p, m0, w, 8 * R, xq);
+  switch (R) {
+    case 1: q8_rows_avx2<1>(p, xq, m0, w, n_begin, n_end, yt); break;
+    case 2: q8_rows_avx2<2>(p, xq, m0, w, n_begin, n_end, yt); break;
+    case 3: q8_rows_avx2<3>(p, xq, m0, w, n_begin, n_end, yt); break;
+    case 4: q8_rows_avx2<4>(p, xq, m0, w, n_begin, n_end, yt); break;
+    case 5: q8_rows_avx2<5>(p, xq, m0, w, n_begin, n_end, yt); break;
+    case 6: q8_rows_avx2<6>(p, xq, m0, w, n_begin, n_end, yt); break;
+    case 7: q8_rows_avx2<7>(p, xq, m0, w, n_begin, n_end, yt); break;
+    default: q8_rows_avx2<8>(p, xq, m0, w, n_begin, n_end, yt); break;
+  }
+}
+
 #endif  // SB_X86
 
 // --------------------------------------------------------------------------------------
@@ -374,6 +606,8 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
     float* xt = xt_buf.get(static_cast<size_t>(p.Kpad) * kMaxW);
     float* yt = yt_buf.get(static_cast<size_t>(p.nb) * kMaxW);
     int64_t cached_tile = -1;  // items are tile-major: consecutive ones reuse the XT tile
+#pragma omp single nowait
+    g_last_threads.store(omp_get_num_threads(), std::memory_order_relaxed);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
       const int64_t t = it / n_split, s = it % n_split;
@@ -383,15 +617,27 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
       const int64_t n_end = std::min(N, (s + 1) * blocks_per_item * p.nb);
       if (n_begin >= n_end) continue;
       const bool ready = (t == cached_tile);
+      if constexpr (F == Format::Q8) {
+        uint8_t* xq = reinterpret_cast<uint8_t*>(xt);
+        int32_t* acc = reinterpret_cast<int32_t*>(yt);
 #if SB_X86
-      if (use_avx2)
-        item_avx2<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
-      else
-        item_generic<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
+        if (use_avx2)
+          item_q8_avx2(p, m0, w, n_begin, n_end, xq, acc, ready);
+        else
+          item_q8_generic(p, m0, w, n_begin, n_end, xq, acc, ready);
 #else
-      (void)use_avx2;
-      item_generic<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
+        item_q8_generic(p, m0, w, n_begin, n_end, xq, acc, ready);
 #endif
+      } else {
+#if SB_X86
+        if (use_avx2)
+          item_avx2<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
+        else
+          item_generic<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
+#else
+        item_generic<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
+#endif
+      }
       cached_tile = t;
     }
   }
@@ -413,16 +659,13 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
-// Raw entry point with minimal, cheap checks (the checked API is sparse_linear.py).
-at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
-                   const at::Tensor& row_ptr, const at::Tensor& col,
-                   const at::Tensor& val, const c10::optional<at::Tensor>& bias,
-                   int64_t N, int64_t fmt, int64_t k_chunk, int64_t n_block,
-                   int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
-                   int64_t tile_w, bool force_generic) {
+// Checks shared by the entry points; fills the geometry of `p` and returns the output tensor.
+at::Tensor prepare(Problem& p, const at::Tensor& x, const at::Tensor& order, const at::Tensor& row_ptr,
+                   const at::Tensor& col, const c10::optional<at::Tensor>& bias, int64_t N,
+                   int64_t k_chunk, int64_t n_block, const c10::optional<at::Tensor>& out,
+                   bool x_t, bool y_t, int64_t tile_w, bool blocked) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "spmm: x must be a contiguous float32 [M, K] (or [K, M] with x_t) tensor");
-  TORCH_CHECK(fmt == 0 || fmt == 1, "spmm: fmt must be 0 (csr) or 1 (block4)");
   TORCH_CHECK(tile_w >= 8 && tile_w <= kMaxW && tile_w % 8 == 0,
               "spmm: tile_w must be a multiple of 8 in [8, 64]");
   TORCH_CHECK(n_block >= kGroup && n_block % kGroup == 0, "spmm: n_block must be a multiple of 8");
@@ -432,8 +675,8 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
   TORCH_CHECK(N >= 0 && row_ptr.numel() == n_kc * N + 1 && order.numel() == n_kc * N,
               "spmm: packed weight does not match K=", K, ", N=", N, ", k_chunk=", k_chunk);
   TORCH_CHECK(order.scalar_type() == at::kInt && row_ptr.scalar_type() == at::kInt &&
-                  col.scalar_type() == at::kInt && val.scalar_type() == at::kFloat,
-              "spmm: order/row_ptr/col must be int32 and val float32");
+                  col.scalar_type() == at::kInt,
+              "spmm: order/row_ptr/col must be int32");
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
                 "spmm: bias must be a contiguous float32 [N] tensor");
@@ -447,21 +690,35 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
     y = y_t ? at::empty({N, M}, x.options()) : at::empty({M, N}, x.options());
     advise_huge_pages(y.data_ptr<float>(), static_cast<size_t>(M) * N * sizeof(float));
   }
-  if (M == 0 || N == 0) return y;
-  Problem p;
   p.x = x.data_ptr<float>();
   p.y = y.data_ptr<float>();
   p.bias = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
   p.order = order.data_ptr<int32_t>();
   p.row_ptr = row_ptr.data_ptr<int32_t>();
   p.col = col.data_ptr<int32_t>();
-  p.val = val.data_ptr<float>();
   p.M = M; p.N = N; p.K = K;
-  p.Kpad = fmt == 1 ? (K + 3) / 4 * 4 : K;
+  p.Kpad = blocked ? (K + 3) / 4 * 4 : K;
   p.n_kc = n_kc;
   p.nb = n_block;
   p.x_t = x_t;
   p.y_t = y_t;
+  return y;
+}
+
+// Raw entry points with minimal, cheap checks (the checked API is sparse_linear.py).
+at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
+                   const at::Tensor& row_ptr, const at::Tensor& col,
+                   const at::Tensor& val, const c10::optional<at::Tensor>& bias,
+                   int64_t N, int64_t fmt, int64_t k_chunk, int64_t n_block,
+                   int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
+                   int64_t tile_w, bool force_generic) {
+  TORCH_CHECK(fmt == 0 || fmt == 1, "spmm: fmt must be 0 (csr) or 1 (block4)");
+  TORCH_CHECK(val.scalar_type() == at::kFloat, "spmm: val must be float32");
+  Problem p;
+  at::Tensor y = prepare(p, x, order, row_ptr, col, bias, N, k_chunk, n_block, out, x_t, y_t, tile_w, fmt == 1);
+  TORCH_CHECK(val.numel() == col.numel() * (fmt == 1 ? 4 : 1), "spmm: val does not match col");
+  if (p.M == 0 || N == 0) return y;
+  p.val = val.data_ptr<float>();
   const bool avx2 = cpu_has_avx2_fma() && !force_generic;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (fmt == 0)
@@ -471,7 +728,37 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
   return y;
 }
 
+at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tensor& row_ptr,
+                   const at::Tensor& col, const at::Tensor& qval, const at::Tensor& wscale,
+                   const at::Tensor& wsum, const c10::optional<at::Tensor>& bias, int64_t N,
+                   int64_t k_chunk, int64_t n_block, double x_scale, int64_t x_zero_point,
+                   int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
+                   int64_t tile_w, bool force_generic) {
+  TORCH_CHECK(qval.scalar_type() == at::kChar && qval.numel() == 4 * col.numel() && qval.is_contiguous(),
+              "spmm_q8: qval must be a contiguous int8 tensor of 4 values per entry of col");
+  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.numel() == N && wscale.is_contiguous(),
+              "spmm_q8: wscale must be a contiguous float32 [N] tensor");
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.numel() == N && wsum.is_contiguous(),
+              "spmm_q8: wsum must be a contiguous int32 [N] tensor");
+  TORCH_CHECK(x_scale > 0 && std::isfinite(x_scale), "spmm_q8: x_scale must be positive and finite");
+  TORCH_CHECK(x_zero_point >= 0 && x_zero_point <= 127, "spmm_q8: x_zero_point must be in [0, 127]");
+  Problem p;
+  at::Tensor y = prepare(p, x, order, row_ptr, col, bias, N, k_chunk, n_block, out, x_t, y_t, tile_w, true);
+  if (p.M == 0 || N == 0) return y;
+  p.qval = qval.data_ptr<int8_t>();
+  p.wscale = wscale.data_ptr<float>();
+  p.wsum = wsum.data_ptr<int32_t>();
+  p.x_scale = static_cast<float>(x_scale);
+  p.x_inv_scale = 1.0f / static_cast<float>(x_scale);
+  p.x_zp = static_cast<int32_t>(x_zero_point);
+  const bool avx2 = cpu_has_avx2_fma() && !force_generic;
+  run<Format::Q8>(p, static_cast<int>(std::max<int64_t>(1, num_threads)), static_cast<int>(tile_w), avx2);
+  return y;
+}
+
 std::string isa() { return cpu_has_avx2_fma() ? "avx2_fma" : "generic"; }
+
+int last_num_threads() { return g_last_threads.load(std::memory_order_relaxed); }
 
 }  // namespace
 
@@ -485,5 +772,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("y_t") = false, py::arg("tile_w") = 64,
         py::arg("force_generic") = false,
         py::call_guard<py::gil_scoped_release>());
+  m.def("spmm_q8", &spmm_q8,
+        "Y = dequant(quant(X) @ Wq^T) (+ bias): X quantized per tensor to [0, 127] with "
+        "(x_scale, x_zero_point), Wq int8 quads packed like BLOCK4 with per-row scales wscale",
+        py::arg("x"), py::arg("order"), py::arg("row_ptr"), py::arg("col"), py::arg("qval"),
+        py::arg("wscale"), py::arg("wsum"), py::arg("bias"), py::arg("n"), py::arg("k_chunk"),
+        py::arg("n_block"), py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"),
+        py::arg("out") = py::none(), py::arg("x_t") = false, py::arg("y_t") = false,
+        py::arg("tile_w") = 64, py::arg("force_generic") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set the kernels dispatch to on this CPU");
+  m.def("last_num_threads", &last_num_threads,
+        "OpenMP threads that ran the last kernel call's parallel region");
 }

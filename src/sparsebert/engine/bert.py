@@ -1,0 +1,268 @@
+"""``compile()``: a BERT model as a fast CPU inference callable with sparse Linear kernels.
+
+The encoder's six Linear layers per block (query/key/value fused into one ``[3H, H]`` weight,
+attention output, intermediate, output) are packed once into :class:`SparseLinear` (FP32) or
+:class:`SparseLinearInt8` (INT8), each choosing its own format from its weight (dense BLAS for
+weights too dense to gain, csr or block4 otherwise). Everything else runs as dense torch ops:
+the Hugging Face embeddings module, ``scaled_dot_product_attention``, GELU (in place),
+residual adds and LayerNorm, pooler and task head (FP32 in both precisions).
+
+Layout: activations are token-major ``[batch * seq, H]`` except the FFN intermediate, which the
+kernels produce and consume feature-major ``[I, batch * seq]`` (no transposes of the largest
+tensor).
+
+INT8 (``precision="int8"``): the encoder Linear layers use per-output-channel symmetric int8
+weights (the QAT scales of ``quantization.json`` when present, QAT-quantized embedding tables
+baked in as there) and dynamic per-tensor 7-bit activations (see :mod:`.quantized_linear`);
+:func:`int8_reference_model` builds the fake-quant PyTorch model that this reproduces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .loading import EngineError, load_source
+from .quantized_linear import SparseLinearInt8, reference_int8_linear
+from .sparse_linear import SparseLinear
+
+__all__ = ["CompiledBert", "compile_model", "int8_reference_model", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "int8")
+_FAST_ACT = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run the block with ``torch.set_num_threads(n)`` (restored afterwards)."""
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n and n != before:
+            torch.set_num_threads(before)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    base = getattr(model, getattr(model, "base_model_prefix", "bert"), model)
+    if getattr(getattr(model, "config", None), "model_type", None) != "bert" or not hasattr(base, "encoder"):
+        raise EngineError(f"the engine compiles BERT models (config.model_type 'bert'); got {type(model).__name__} "
+                          f"with model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r}")
+    cfg = model.config
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        raise EngineError(f"{type(model).__name__}: only encoder-only BERT with absolute position embeddings is supported")
+    return base
+
+
+class _Layer:
+    """One encoder block: fused QKV, attention output, FFN, two LayerNorms (plain attributes)."""
+
+    def __init__(self, block: torch.nn.Module, make_linear, act: str):
+        att = block.attention
+        q, k, v = att.self.query, att.self.key, att.self.value
+        qkv_w = torch.cat([q.weight, k.weight, v.weight]).detach()
+        qkv_b = torch.cat([q.bias, k.bias, v.bias]).detach()
+        self.qkv = make_linear(qkv_w, qkv_b, [q, k, v])
+        self.o = make_linear(att.output.dense.weight.detach(), att.output.dense.bias.detach(), [att.output.dense])
+        self.ffn1 = make_linear(block.intermediate.dense.weight.detach(), block.intermediate.dense.bias.detach(),
+                                [block.intermediate.dense])
+        self.ffn2 = make_linear(block.output.dense.weight.detach(), block.output.dense.bias.detach(), [block.output.dense])
+        self.ln1 = att.output.LayerNorm
+        self.ln2 = block.output.LayerNorm
+        self.heads = att.self.num_attention_heads
+        self.head_dim = att.self.attention_head_size
+        self.act = act
+        self.act_module = block.intermediate.intermediate_act_fn
+
+    def linears(self) -> dict[str, torch.nn.Module]:
+        return {"qkv": self.qkv, "attention_output": self.o, "intermediate": self.ffn1, "output": self.ffn2}
+
+    def __call__(self, x: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None) -> torch.Tensor:
+        hidden = x.shape[1]
+        qkv = self.qkv.run(x).view(batch, seq, 3, self.heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, heads, S, head_dim] views
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = self.o.run(ctx.transpose(1, 2).reshape(batch * seq, hidden))
+        x = F.layer_norm(a.add_(x), (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        h = self.ffn1.run(x, y_t=True)  # [I, M] feature-major
+        if self.act in _FAST_ACT:
+            h = torch.ops.aten.gelu_(h, approximate=_FAST_ACT[self.act])
+        elif self.act == "relu":
+            h = h.relu_()
+        else:
+            h = self.act_module(h)
+        y = self.ffn2.run(h, x_t=True)
+        return F.layer_norm(y.add_(x), (hidden,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+
+
+class CompiledBert(torch.nn.Module):
+    """A BERT encoder (+ task head) for CPU inference with packed sparse Linear layers.
+
+    Call as the Hugging Face model: ``model(input_ids, attention_mask=None, token_type_ids=None)``
+    with int64 ``[batch, seq]`` tensors (numpy arrays accepted). Returns the Hugging Face output
+    class of the task: ``SequenceClassifierOutput`` (``logits`` ``[batch, labels]``),
+    ``QuestionAnsweringModelOutput`` (``start_logits``/``end_logits`` ``[batch, seq]``) or
+    ``BaseModelOutputWithPooling`` (``last_hidden_state`` ``[batch, seq, H]``, ``pooler_output``),
+    float32. Runs under ``torch.inference_mode`` with ``num_threads`` torch/OpenMP threads
+    (``None``: torch's current setting), restoring torch's setting afterwards.
+
+    Attributes: ``task_kind``, ``precision``, ``num_threads``, ``config``, ``source`` (folder or
+    ``None``), ``layers`` (per block a dict name -> packed Linear module).
+    """
+
+    def __init__(self, model: torch.nn.Module, task_kind: str, precision: str = "fp32", num_threads: int | None = None,
+                 pattern: str = "auto", quantization: dict[str, Any] | None = None, source: Path | None = None):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise EngineError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        base = _base_model(model)
+        self.config, self.task_kind, self.precision = model.config, task_kind, precision
+        self.num_threads, self.source = num_threads, source
+        self.embeddings = base.embeddings
+        self.pooler = getattr(base, "pooler", None)
+        self.head = {"text-classification": getattr(model, "classifier", None),
+                     "question-answering": getattr(model, "qa_outputs", None)}.get(task_kind)
+        if task_kind != "feature-extraction" and self.head is None:
+            raise EngineError(f"{type(model).__name__} has no {task_kind} head")
+        names = {m: n for n, m in model.named_modules()}
+        qmodules = (quantization or {}).get("modules", {})
+
+        def make_linear(weight, bias, modules):
+            if precision == "fp32":
+                return SparseLinear.from_dense(weight.float(), bias.float(), pattern=pattern, num_threads=num_threads)
+            scales = [qmodules.get(names[m], {}).get("weight_scale") for m in modules]
+            scale = None
+            if all(s is not None for s in scales):  # QAT scales, one list per fused module
+                scale = torch.cat([torch.as_tensor(s, dtype=torch.float32).flatten().expand(m.out_features)
+                                   if len(s) == 1 else torch.as_tensor(s, dtype=torch.float32) for s, m in zip(scales, modules)])
+            return SparseLinearInt8.from_dense(weight.float(), bias.float(), weight_scale=scale, pattern=pattern,
+                                               num_threads=num_threads)
+
+        act = model.config.hidden_act if isinstance(model.config.hidden_act, str) else ""
+        self.layers_ = [_Layer(block, make_linear, act) for block in base.encoder.layer]
+        # Register the packed modules so .to()/state_dict()/repr see them.
+        self.packed = torch.nn.ModuleList(torch.nn.ModuleDict(layer.linears()) for layer in self.layers_)
+
+    @property
+    def layers(self) -> list[dict[str, torch.nn.Module]]:
+        return [layer.linears() for layer in self.layers_]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per packed Linear: ``layer``, ``name``, ``shape`` ``[N, K]``, ``format``, ``density``."""
+        return [{"layer": i, "name": n, "shape": [m.out_features, m.in_features], "format": m.format, "density": round(m.density, 4)}
+                for i, layer in enumerate(self.layers) for n, m in layer.items()]
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_dict: bool = True):
+        from transformers.modeling_outputs import (BaseModelOutputWithPooling, QuestionAnsweringModelOutput,
+                                                   SequenceClassifierOutput)
+
+        def as_tensor(a):
+            return None if a is None else torch.as_tensor(a, dtype=torch.long)
+
+        input_ids, attention_mask, token_type_ids = map(as_tensor, (input_ids, attention_mask, token_type_ids))
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be int64 [batch, seq], got shape {list(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        with torch.inference_mode(), _torch_threads(self.num_threads):
+            x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            hidden = x.shape[-1]
+            x = x.reshape(batch * seq, hidden)
+            mask = None
+            if attention_mask is not None and not bool(attention_mask.all()):
+                # HF's additive mask: 0 where attended, the dtype's minimum where masked.
+                mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+            for layer in self.layers_:
+                x = layer(x, batch, seq, mask)
+            h = x.view(batch, seq, hidden)
+            if self.task_kind == "question-answering":
+                start, end = self.head(h).split(1, dim=-1)
+                out = QuestionAnsweringModelOutput(start_logits=start.squeeze(-1).contiguous(), end_logits=end.squeeze(-1).contiguous())
+            else:
+                pooled = self.pooler(h) if self.pooler is not None else None
+                if self.task_kind == "text-classification":
+                    out = SequenceClassifierOutput(logits=self.head(pooled))
+                else:
+                    out = BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=pooled)
+        return out if return_dict else out.to_tuple()
+
+
+def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int | None = None, precision: str = "fp32",
+                  task: str | None = None, pattern: str = "auto") -> CompiledBert:
+    """Compile a BERT checkpoint for fast CPU inference (exposed as ``sparsebert.engine.compile``).
+
+    Args:
+        model_or_dir: a Hugging Face BERT model, a ``save_pretrained`` folder (task model, e.g.
+            ``BertForSequenceClassification`` / ``BertForQuestionAnswering``, or ``BertModel``) or
+            a deployment folder from ``sparsebert export`` (see :mod:`.loading`).
+        num_threads: threads for torch ops and the kernels (``None``: torch's setting at call time).
+        precision: ``"fp32"`` (output equals PyTorch's within 1e-4) or ``"int8"``.
+        task: force a task kind (see :func:`.loading.load_source`).
+        pattern: packing of the encoder Linear weights: ``"auto"`` (per layer, from its weight),
+            ``"unstructured"``, ``"block4"``, ``"dense"`` or ``"n:m"``.
+
+    Returns:
+        A :class:`CompiledBert`. A model object passed in is not modified (INT8 copies it).
+
+    Raises:
+        EngineError: unsupported model or precision, missing files (names the path/field).
+    """
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    src = load_source(model_or_dir, task)
+    model = src.model
+    if precision == "int8" and src.quantization is not None:
+        from ..export.quantize import bake_embeddings
+
+        if src.folder is None:
+            model = copy.deepcopy(model)
+        bake_embeddings(model, src.quantization)
+    return CompiledBert(model, src.task_kind, precision, num_threads, pattern, src.quantization if precision == "int8" else None,
+                        src.folder)
+
+
+class _FakeQuantLinear(torch.nn.Module):
+    """``reference_int8_linear`` as a module (used by :func:`int8_reference_model`)."""
+
+    def __init__(self, linear: torch.nn.Linear, scale: torch.Tensor | None):
+        super().__init__()
+        self.linear, self.scale = linear, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = reference_int8_linear(x.reshape(-1, x.shape[-1]), self.linear.weight, self.linear.bias, self.scale)
+        return y.view(*lead, -1)
+
+
+_ENCODER_LINEAR = re.compile(r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
+                             r"intermediate\.dense|output\.dense)$")
+
+
+def int8_reference_model(model: torch.nn.Module, quantization: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A copy of ``model`` whose encoder Linear layers compute :func:`reference_int8_linear`
+    (the INT8 engine's scheme in plain torch; QAT scales from ``quantization`` when given).
+
+    Note: the engine quantizes query/key/value activations once (they share their input), so
+    this reference matches it exactly: the three layers see the same tensor.
+    """
+    ref = copy.deepcopy(model).eval()
+    if quantization is not None:
+        from ..export.quantize import bake_embeddings
+
+        bake_embeddings(ref, quantization)
+    qmodules = (quantization or {}).get("modules", {})
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, torch.nn.Linear) and _ENCODER_LINEAR.match(name):
+            parent, child = name.rsplit(".", 1)
+            s = qmodules.get(name, {}).get("weight_scale")
+            setattr(ref.get_submodule(parent), child, _FakeQuantLinear(module, None if s is None else torch.tensor(s)))
+    return ref

@@ -1,0 +1,254 @@
+"""``SparseLinearInt8``: an INT8 drop-in for ``torch.nn.Linear`` with a sparse weight.
+
+Quantization scheme (what :func:`reference_int8_linear` computes, in float64):
+
+* weights: symmetric, per output channel, ``scale[n] = max|W[n]| / 127`` (or the QAT scales of
+  ``quantization.json``), ``Wq = clamp(round_half_even(W * (1 / scale)), -127, 127)`` (int8;
+  zero stays zero, so the sparsity pattern is kept);
+* activations: dynamic, per tensor, asymmetric unsigned 7-bit: ``(sx, zp) =
+  activation_qparams(min(x), max(x), bits=7)`` (range widened to include 0),
+  ``xq = clamp(round_half_even(x * (1 / sx)) + zp, 0, 127)``. Seven bits ("reduce_range", as
+  FBGEMM and ONNX Runtime use on CPUs without VNNI) keep ``_mm256_maddubs_epi16`` exact: a pair
+  of products is at most ``2 * 127 * 127 < 2**15``;
+* output: ``y = (xq - zp) @ Wq.T * (sx * scale) + b`` with exact int32 accumulation.
+
+Layout: the weight is stored as 4-input quads (the ``block4`` layout of :mod:`.sparse_linear`
+with int8 values: ``qval`` int8 ``[4 * entries]``), whatever its pattern; pruned weights inside a
+kept quad are stored as 0. The kernel (``kernels.load().spmm_q8``) quantizes X while packing its
+tile, so the float activations are read once. It runs dense weights too (every quad full), at
+about twice the speed of float32 MKL on an AVX2 CPU, so ``pattern="auto"`` always packs quads.
+``pattern="dense"`` (and the fallback when the kernels cannot be built) keeps the same integer
+math in torch: int8 values held as float32 for the BLAS (integer sums below ``2**24`` are exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels as _kernels
+from .sparse_linear import DEFAULT_N_BLOCK, _check_n_m, _pack_sorted
+
+__all__ = ["SparseLinearInt8", "quantize_weight", "activation_qparams_7bit", "reference_int8_linear"]
+
+QMAX_W = 127  # symmetric int8 weights: [-127, 127]
+QMAX_X = 127  # 7-bit unsigned activations: [0, 127]
+# Inputs per K chunk: int8 activations are 4x smaller than float32, so longer chunks still fit L1.
+DEFAULT_K_CHUNK = 256
+_PATTERNS = ("auto", "unstructured", "block4", "dense")
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 quantization of a float32 ``[N, K]`` weight.
+
+    ``scale``: float32 ``[N]`` (or ``[1]``, broadcast) to use, e.g. QAT's ``weight_scale``;
+    default ``max|W[n]| / 127`` (never 0). Returns ``(wq, scale)``: ``wq`` int8 ``[N, K]`` =
+    ``clamp(round_half_even(W * (1 / scale)), -127, 127)`` (the float32 reciprocal, as
+    ``torch.fake_quantize_per_channel_affine`` computes it) and ``scale`` float32 ``[N]``.
+
+    Raises:
+        ValueError: ``scale`` has the wrong size or non-positive values.
+    """
+    from ..modifiers.quantization import weight_scales
+
+    w = weight.detach().to("cpu", torch.float32)
+    n = w.shape[0]
+    if scale is None:
+        scale = weight_scales(w, 8, per_channel=True)
+    scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
+    if scale.numel() == 1:
+        scale = scale.expand(n)
+    if scale.numel() != n or not bool((scale > 0).all()):
+        raise ValueError(f"weight scale must have 1 or {n} (out_features) positive values, got {scale.numel()}")
+    scale = scale.contiguous().clone()
+    inv = (1.0 / scale)[:, None]
+    return torch.clamp(torch.round(w * inv), -QMAX_W, QMAX_W).to(torch.int8), scale
+
+
+def activation_qparams_7bit(x: torch.Tensor) -> tuple[float, int]:
+    """Dynamic per-tensor ``(scale, zero_point)`` of ``x`` for 7-bit unsigned values [0, 127].
+
+    Raises:
+        ValueError: ``x`` holds NaN or infinite values.
+    """
+    from ..modifiers.quantization import activation_qparams
+
+    if x.numel() == 0:
+        return 1.0, 0
+    lo, hi = torch.aminmax(x)
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"cannot quantize activations with non-finite values (min {lo}, max {hi})")
+    scale, zp, _, _ = activation_qparams(lo, hi, bits=7)
+    return scale, zp
+
+
+def _quantize_x(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    """``clamp(round(x * float32(1 / scale)) + zp, 0, 127)`` as float32 integers (the kernel's math)."""
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    return torch.clamp(torch.round(x * inv) + zp, 0, QMAX_X)
+
+
+def reference_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The INT8 scheme of this module computed with plain torch ops (float64 accumulation).
+
+    ``x`` float32 ``[..., K]``, ``weight`` float32 ``[N, K]``, ``bias`` ``[N]`` or ``None``,
+    ``weight_scale`` as :func:`quantize_weight`. Returns float32 ``[..., N]``: the fake-quant
+    result ``((xq - zp) * sx) @ (Wq * scale).T + b`` that :class:`SparseLinearInt8` reproduces.
+    """
+    wq, scale = quantize_weight(weight, weight_scale)
+    sx, zp = activation_qparams_7bit(x)
+    xq = _quantize_x(x.float(), sx, zp).double() - zp
+    y = (xq @ wq.double().T) * (sx * scale.double())
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
+class SparseLinearInt8(torch.nn.Module):
+    """``y = x @ W.T + b`` in INT8 (see the module docstring), W stored sparse (inference, CPU).
+
+    Build with :meth:`from_dense` / :meth:`from_linear`. ``forward(x)`` takes float32
+    ``[..., in_features]`` and returns float32 ``[..., out_features]``; :meth:`run` also takes
+    and returns feature-major ``[features, M]`` matrices. ``num_threads`` (``None`` =
+    ``torch.get_num_threads()`` at call time) sizes the kernel's OpenMP region.
+
+    Attributes: ``in_features``, ``out_features``, ``format`` (``"q8"`` sparse quads, or
+    ``"dense"``), ``density``, ``k_chunk``, ``n_block``; buffers ``wscale`` (float32 ``[N]``),
+    ``wsum`` (int32 ``[N]``: row sums of Wq), ``bias``, and ``order``/``row_ptr``/``col``/``qval``
+    (``"q8"``) or ``weight_q`` (``"dense"``: Wq as float32 ``[N, K]``).
+    """
+
+    _warned_fallback = False
+
+    def __init__(self, in_features: int, out_features: int, packed: dict, wscale: torch.Tensor,
+                 wsum: torch.Tensor, bias: torch.Tensor | None = None, num_threads: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.format: str = packed["format"]
+        self.k_chunk, self.n_block = int(packed["k_chunk"]), int(packed["n_block"])
+        self.density = float(packed["density"])
+        self.num_threads = num_threads
+        for name in ("order", "row_ptr", "col", "qval", "weight_q"):
+            self.register_buffer(name, packed.get(name))
+        self.register_buffer("wscale", wscale)
+        self.register_buffer("wsum", wsum)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
+                   pattern: str = "auto", num_threads: int | None = None, k_chunk: int = DEFAULT_K_CHUNK,
+                   n_block: int = DEFAULT_N_BLOCK) -> "SparseLinearInt8":
+        """Quantize (:func:`quantize_weight`) and pack ``weight`` (float32 ``[N, K]``, zeros = pruned).
+
+        ``pattern``: ``"auto"``, ``"unstructured"``, ``"block4"`` (all: sparse quads), ``"n:m"``
+        (checked, then quads) or ``"dense"`` (torch BLAS on the integer values). Raises ``ValueError``/``TypeError`` for bad shapes, dtypes or patterns.
+        """
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
+            got = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"weight must be a 2-D float32 tensor [out_features, in_features], got {got}")
+        n, k = weight.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32 or tuple(bias.shape) != (n,):
+                raise ValueError(f"bias must be a float32 tensor of shape [{n}] (out_features)")
+            bias = bias.detach().to("cpu").contiguous().clone()
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        if k_chunk <= 0 or k_chunk % 4:
+            raise ValueError(f"k_chunk must be a positive multiple of 4, got {k_chunk}")
+        if n_block <= 0 or n_block % 8:
+            raise ValueError(f"n_block must be a positive multiple of 8, got {n_block}")
+        if isinstance(pattern, str) and ":" in pattern:
+            try:
+                nn_, mm_ = (int(v) for v in pattern.split(":"))
+            except ValueError:
+                nn_ = mm_ = 0
+            if not 0 < nn_ <= mm_:
+                raise ValueError(f"bad N:M pattern {pattern!r}; expected e.g. '2:4'")
+            _check_n_m(weight, nn_, mm_)
+        elif pattern not in _PATTERNS:
+            raise ValueError(f"pattern must be one of {_PATTERNS} or 'n:m' (e.g. '2:4'), got {pattern!r}")
+        wq, scale = quantize_weight(weight, weight_scale)
+        density = float((wq != 0).sum()) / max(1, wq.numel())
+        dense = pattern == "dense"
+        packed: dict = {"format": "dense" if dense else "q8", "k_chunk": k_chunk, "n_block": n_block, "density": density}
+        if dense:
+            packed["weight_q"] = wq.float().contiguous()
+        else:
+            if wq.numel() + n * k_chunk >= 2**31:
+                raise ValueError("weights with ~2**31 or more elements are not supported (int32 indices)")
+            p = _pack_sorted(wq.float(), k_chunk, n_block, 4)
+            packed.update(order=p["order"], row_ptr=p["row_ptr"], col=p["col"], qval=p["val"].to(torch.int8).contiguous())
+        wsum = wq.sum(1, dtype=torch.int32).contiguous()
+        return cls(k, n, packed, scale, wsum, bias, num_threads)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "SparseLinearInt8":
+        """``from_dense(linear.weight, linear.bias, **kwargs)``."""
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_dense(linear.weight.detach(), bias, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"density={self.density:.3f}, bias={self.bias is not None}")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``Wq * scale`` as float32 ``[N, K]`` (the weight the INT8 layer effectively uses)."""
+        return self.int_weight() * self.wscale[:, None]
+
+    def int_weight(self) -> torch.Tensor:
+        """``Wq`` as float32 ``[N, K]`` integers."""
+        if self.format == "dense":
+            return self.weight_q
+        n, k, kc = self.out_features, self.in_features, self.k_chunk
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        rows = self.order.long().repeat_interleave(counts)
+        w = torch.zeros(n, max(1, math.ceil(k / kc)) * kc + 4)
+        cols = self.col.long()[:, None] + torch.arange(4)
+        w[rows[:, None].expand(-1, 4), cols] = self.qval.view(-1, 4).float()
+        return w[:, :k].contiguous()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 1 or x.shape[-1] != k:
+            raise ValueError(f"expected a float32 tensor of shape [..., {k}] (in_features={k}), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        lead = x.shape[:-1]
+        return self.run(x.reshape(-1, k)).view(*lead, self.out_features)
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False) -> torch.Tensor:
+        """2-D entry point: ``x`` float32 ``[M, K]`` (``[K, M]`` when ``x_t``) -> float32 ``[M, N]``
+        (``[N, M]`` when ``y_t``). Feature-major layouts save the kernel's transposes."""
+        x = x.contiguous()
+        sx, zp = activation_qparams_7bit(x)
+        mod = _kernels.load() if self.format == "q8" else None
+        if mod is None:
+            if self.format == "q8" and not SparseLinearInt8._warned_fallback:
+                import warnings
+
+                warnings.warn("SparseLinearInt8: compiled kernels unavailable, using the dense torch fallback "
+                              f"({_kernels.build_error()})", RuntimeWarning, stacklevel=3)
+                SparseLinearInt8._warned_fallback = True
+            if self.weight_q is None:
+                self.weight_q = self.int_weight()
+            return self._dense(x, sx, zp, x_t, y_t)
+        threads = self.num_threads or torch.get_num_threads()
+        return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
+                           self.out_features, self.k_chunk, self.n_block, sx, zp, threads, x_t=x_t, y_t=y_t)
+
+    def _dense(self, x: torch.Tensor, sx: float, zp: int, x_t: bool, y_t: bool) -> torch.Tensor:
+        # Integer math in float32: |sum of products| <= 127 * 127 * K < 2**24 for K <= 1040; above
+        # that the float32 sum may round (relative error ~1e-7, far below the quantization step).
+        xq = _quantize_x(x, sx, zp).sub_(zp)
+        if x_t:
+            xq = xq.t()
+        acc = F.linear(xq, self.weight_q)  # [M, N]
+        y = acc.mul_(self.wscale * sx)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.t().contiguous() if y_t else y
