@@ -11,18 +11,18 @@ def tiny_config(**kw) -> BertConfig:
 
 
 def save_tiny_model(path, head: str = "cls", prune: float = 0.0, seed: int = 0, **config):
-    """Save a tiny random BERT (``head``: ``"cls"`` or ``"qa"``) + the packaged MiniLM tokenizer to ``path``.
+    """Save a tiny random BERT (``head``: ``"cls"``, ``"qa"`` or ``"mlm"``) + the packaged MiniLM tokenizer to ``path``.
 
     ``prune``: zero that fraction of every encoder Linear weight (smallest magnitudes). Returns ``path``.
     """
     import torch
-    from transformers import AutoTokenizer, BertForQuestionAnswering, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification
 
     from sparsebert.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(seed)
-    cls = BertForQuestionAnswering if head == "qa" else BertForSequenceClassification
+    cls = {"qa": BertForQuestionAnswering, "mlm": BertForMaskedLM}.get(head, BertForSequenceClassification)
     kw = dict(vocab_size=tok.vocab_size, max_position_embeddings=128, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
     kw.update(config)
     model = cls(tiny_config(**kw))

@@ -35,15 +35,15 @@ def _data_args(data_dir, train_file, validation_file, max_seq_length, max_train_
 
 @app.command()
 def train(
-    task: str = typer.Option(..., help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, squad"),
+    task: str = typer.Option(..., help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, squad, mlm"),
     output_dir: Path = typer.Option(..., help="Where the model, recipe.yaml, metrics.json and logs go."),
     model: Optional[str] = typer.Option(None, help="HF model id or local path (default: packaged all-MiniLM-L6-v2)."),
     recipe: Optional[Path] = typer.Option(None, help="SparseML-format recipe YAML."),
     recipe_args: Optional[str] = typer.Option(None, help='JSON overrides of recipe variables, e.g. \'{"num_epochs": 2}\'.'),
     teacher: Optional[str] = typer.Option(None, help="Dense fine-tuned teacher (path or id) for distillation modifiers."),
-    data_dir: Optional[str] = typer.Option(None, help="Task data folder (default: ../shared/data/<task> if present, else the HF hub)."),
-    train_file: Optional[str] = typer.Option(None, help="Training file (SQuAD JSON)."),
-    validation_file: Optional[str] = typer.Option(None, help="Validation file (SQuAD JSON)."),
+    data_dir: Optional[str] = typer.Option(None, help="Task data folder (default: ../shared/data/<task> if present, else the HF hub); mlm: corpus file/folder or hub NAME[:CONFIG]."),
+    train_file: Optional[str] = typer.Option(None, help="Training file (SQuAD JSON; mlm: corpus file or folder)."),
+    validation_file: Optional[str] = typer.Option(None, help="Validation file (SQuAD JSON; mlm: held-out text)."),
     split_by_article: Optional[str] = typer.Option(None, help='SQuAD: split one file by article, "TRAIN:EVAL" counts, e.g. 36:12.'),
     epochs: Optional[float] = typer.Option(None, help="Training epochs (default: the recipe's, else 3)."),
     batch_size: int = typer.Option(32, help="Per-device training batch size."),
@@ -61,6 +61,7 @@ def train(
     fp16: bool = typer.Option(False),
     bf16: bool = typer.Option(False),
     eval_each_epoch: bool = typer.Option(False, help="Evaluate at each epoch end (logged to train_log.jsonl)."),
+    streaming: bool = typer.Option(False, help="mlm: read the training corpus lazily; an epoch is --max-train-samples blocks."),
 ):
     """Fine-tune (and sparsify, with a recipe) a model on a task."""
     from .train import TrainConfig, run_train
@@ -74,6 +75,7 @@ def train(
         weight_decay=weight_decay, logging_steps=logging_steps, overwrite=overwrite, resume=resume, fp16=fp16, bf16=bf16,
         eval_each_epoch=eval_each_epoch,
     )
+    cfg.data.streaming = streaming
     _run_and_report(run_train, cfg, output_dir)
 
 
@@ -120,19 +122,15 @@ def sparsity(
     model: str = typer.Argument(..., help="Model folder (save_pretrained layout) or HF id."),
     params: Optional[str] = typer.Option(None, help="Regex of parameter names (default: all >= 2-D weights)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    compare_mask: Optional[str] = typer.Option(None, "--compare-mask", help="Another checkpoint: compare the zero masks of the encoder Linear weights (exit 1 if they differ)."),
 ):
-    """Per-layer sparsity and mask pattern of a checkpoint."""
-    from .sparsity import load_checkpoint_tensors, sparsity_table
+    """Per-layer sparsity and mask pattern of a checkpoint (or, with --compare-mask, whether two share a mask)."""
+    from .sparsity import sparsity_table
 
-    try:
-        if Path(model).is_dir():
-            tensors = load_checkpoint_tensors(model)
-        else:
-            from transformers import AutoModel
-
-            tensors = dict(AutoModel.from_pretrained(model).named_parameters())
-    except (OSError, ValueError) as e:
-        _fail(f"cannot read weights of {model}: {e}")
+    tensors = _checkpoint_tensors(model)
+    if compare_mask:
+        _compare_masks(model, tensors, compare_mask, json_out)
+        return
     rows = sparsity_table(tensors, params)
     total = sum(r.numel for r in rows)
     zeros = sum(r.zeros for r in rows)
@@ -146,6 +144,43 @@ def sparsity(
         table.add_row(r.name, "x".join(map(str, r.shape)), f"{100 * r.sparsity:.2f}%", r.pattern)
     table.add_row("[bold]total[/]", f"{total:,}", f"[bold]{100 * zeros / max(total, 1):.2f}%[/]", "")
     console.print(table)
+
+
+def _checkpoint_tensors(model: str) -> dict:
+    """name -> tensor of a model folder (safetensors, no model built) or HF id; exit 2 if unreadable."""
+    from .sparsity import load_checkpoint_tensors
+
+    try:
+        if Path(model).is_dir():
+            return load_checkpoint_tensors(model)
+        from transformers import AutoModel
+
+        return dict(AutoModel.from_pretrained(model).named_parameters())
+    except (OSError, ValueError) as e:
+        _fail(f"cannot read weights of {model}: {e}")
+
+
+def _compare_masks(model: str, tensors: dict, other: str, json_out: bool) -> None:
+    """Print identical/differing encoder-Linear mask counts of two checkpoints; exit 1 if they differ."""
+    from .sparsity import compare_masks
+
+    try:
+        c = compare_masks(tensors, _checkpoint_tensors(other))
+    except ValueError as e:
+        _fail(str(e))
+    if json_out:
+        print(json.dumps({**c.__dict__, "same": c.same}, indent=1))
+    else:
+        verdict = "[bold green]identical[/]" if c.same else "[bold red]DIFFERENT[/]"
+        console.print(f"encoder Linear masks of {model} vs {other}: {verdict}\n"
+                      f"  tensors: {len(c.identical)} identical, {len(c.differing)} differing, "
+                      f"{len(c.only_in_a)} only in the first, {len(c.only_in_b)} only in the second\n"
+                      f"  elements: {c.differing_elements:,} of {c.total_elements:,} differ; "
+                      f"sparsity {100 * c.sparsity_a:.2f}% vs {100 * c.sparsity_b:.2f}%")
+        for name in c.differing[:10]:
+            console.print(f"  differs: {name}")
+    if not c.same:
+        raise typer.Exit(code=1)
 
 
 def _start_job(recipe_args: str | None) -> dict | None:
@@ -250,7 +285,7 @@ def export_cmd(
 @app.command("benchmark")
 def benchmark_cmd(
     deployment_dir: Path = typer.Argument(..., help="Deployment folder from `sparsebert export` (manifest.json, model.onnx)."),
-    engine: str = typer.Option("onnxruntime", help="Engine: onnxruntime or torch (see sparsebert.deployment.ENGINES)."),
+    engine: str = typer.Option("onnxruntime", help="Engine: onnxruntime, torch, sparsebert (sparse CPU kernels) or sparsebert-int8 (see sparsebert.deployment.ENGINES)."),
     compare: Optional[list[str]] = typer.Option(None, help="Another deployment folder or engine to measure interleaved (repeatable)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default: static export shape, else 1)."),
     sequence_length: Optional[int] = typer.Option(None, help="Tokens per input (default: static shape, else max_seq_length)."),
@@ -287,7 +322,7 @@ def serve_cmd(
     deployment_dir: Path = typer.Argument(..., help="Deployment folder from `sparsebert export`."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000),
-    engine: str = typer.Option("onnxruntime", help="Engine: onnxruntime or torch (see sparsebert.deployment.ENGINES)."),
+    engine: str = typer.Option("onnxruntime", help="Engine: onnxruntime, torch, sparsebert (sparse CPU kernels) or sparsebert-int8 (see sparsebert.deployment.ENGINES)."),
     truncate: bool = typer.Option(True, "--truncate/--no-truncate", help="Truncate inputs over max_seq_length, or refuse them (422)."),
     num_threads: Optional[int] = typer.Option(None, help="Intra-op threads of the engine."),
 ):

@@ -12,7 +12,8 @@ import torch
 
 from .modifiers.masks import detect_pattern
 
-__all__ = ["ParamSparsity", "sparsity_table", "load_checkpoint_tensors", "encoder_linear_sparsity", "ENCODER_LINEAR_RE"]
+__all__ = ["ParamSparsity", "sparsity_table", "load_checkpoint_tensors", "encoder_linear_sparsity", "ENCODER_LINEAR_RE",
+           "MaskComparison", "compare_masks"]
 
 # The six Linear weights of every BERT encoder layer (Q, K, V, attention output, FFN in/out).
 ENCODER_LINEAR_RE = r".*encoder\.layer\.\d+\..*(query|key|value|dense)\.weight$"
@@ -77,3 +78,75 @@ def encoder_linear_sparsity(model: torch.nn.Module) -> float:
     if not rows:
         raise ValueError("model has no encoder Linear weights matching " + ENCODER_LINEAR_RE)
     return sum(r.zeros for r in rows) / sum(r.numel for r in rows)
+
+
+@dataclasses.dataclass
+class MaskComparison:
+    """Result of :func:`compare_masks`.
+
+    Attributes:
+        identical / differing: names (``encoder.layer.N...``) of tensors whose zero masks are equal / differ.
+        differing_elements: positions, over all compared tensors, that are zero in one and not the other.
+        total_elements: elements compared.
+        only_in_a / only_in_b: matching names present in one checkpoint only (not compared).
+        sparsity_a / sparsity_b: overall zero fraction of the compared tensors in each.
+    """
+
+    identical: list[str]
+    differing: list[str]
+    differing_elements: int
+    total_elements: int
+    only_in_a: list[str]
+    only_in_b: list[str]
+    sparsity_a: float
+    sparsity_b: float
+
+    @property
+    def same(self) -> bool:
+        """True when every compared mask is identical and both sides have the same tensors."""
+        return bool(self.identical) and not (self.differing or self.only_in_a or self.only_in_b)
+
+
+def _by_encoder_name(params: Mapping[str, torch.Tensor], params_regex: str) -> dict[str, torch.Tensor]:
+    """Matching tensors keyed from ``encoder.`` on, so the MLM (``bert.encoder...``, ``cls...``) and
+    task checkpoints (``bert.encoder...``, ``classifier...``) of one encoder line up."""
+    rx = re.compile(params_regex)
+    out = {}
+    for name, p in params.items():
+        if rx.match(name):
+            i = name.find("encoder.")
+            out[name[i:] if i >= 0 else name] = p.detach()
+    return out
+
+
+def compare_masks(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], params_regex: str = ENCODER_LINEAR_RE) -> MaskComparison:
+    """Compare the zero masks (``w == 0``) of the tensors matching ``params_regex`` in two checkpoints.
+
+    Used to check sparse transfer (Prune OFA): a task model fine-tuned with a pattern lock must keep
+    exactly the mask of the sparse pre-trained checkpoint it started from.
+
+    Args:
+        a, b: name -> tensor (e.g. :func:`load_checkpoint_tensors` of two model folders); names are
+            matched from ``encoder.`` on, so head prefixes may differ.
+        params_regex: which tensors (default: the encoder Linear weights).
+
+    Raises:
+        ValueError: a matched pair has different shapes, or nothing matches in either checkpoint.
+    """
+    ta, tb = _by_encoder_name(a, params_regex), _by_encoder_name(b, params_regex)
+    if not ta or not tb:
+        raise ValueError(f"no tensor matches {params_regex} in {'the first' if not ta else 'the second'} checkpoint")
+    identical, differing = [], []
+    diff_elems = total = zeros_a = zeros_b = 0
+    for name in sorted(ta.keys() & tb.keys()):
+        za, zb = ta[name] == 0, tb[name] == 0
+        if za.shape != zb.shape:
+            raise ValueError(f"{name}: shapes differ, {tuple(za.shape)} vs {tuple(zb.shape)}")
+        n = int((za != zb).sum())
+        (differing if n else identical).append(name)
+        diff_elems += n
+        total += za.numel()
+        zeros_a += int(za.sum())
+        zeros_b += int(zb.sum())
+    return MaskComparison(identical, differing, diff_elems, total, sorted(ta.keys() - tb.keys()), sorted(tb.keys() - ta.keys()),
+                          zeros_a / max(total, 1), zeros_b / max(total, 1))

@@ -58,6 +58,8 @@ def get_export_spec(task: str) -> ExportSpec:
     key = task.lower().replace("-", "").replace("_", "")
     if key in ("squad", "questionanswering", "qa"):
         return QUESTION_ANSWERING
+    if key == "mlm":  # a sparse pre-trained checkpoint: fine-tune it on a task first (Prune OFA transfer)
+        raise ValueError("masked-LM (task mlm) models are not exported; transfer them to a task first")
     if key in TASK_NAMES or key in ("textclassification", "sequenceclassification"):
         return TEXT_CLASSIFICATION
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_NAMES)}, text-classification, question-answering")

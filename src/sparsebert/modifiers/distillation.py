@@ -3,7 +3,8 @@
 SparseML's DistillationModifier semantics: ``loss = (1 - hardness) * task_loss + hardness *
 kd_loss``, with ``kd_loss`` the temperature-softened KL divergence (times ``T^2`` so gradient
 scale does not depend on T), averaged over ``distill_output_keys`` (e.g. ``logits``, or
-``start_logits`` and ``end_logits`` for QA).
+``start_logits`` and ``end_logits`` for QA). For token-level logits with token labels (masked-LM,
+Prune OFA's student pruning) only the positions whose label is not -100 (the masked tokens) count.
 """
 
 from __future__ import annotations
@@ -20,33 +21,49 @@ __all__ = ["DistillationModifier", "kd_loss"]
 
 # batch keys that carry targets, not inputs: the teacher must not see them
 _TARGET_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label")
+IGNORE_INDEX = -100  # label of positions a Hugging Face loss skips (CrossEntropyLoss ignore_index)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Distillation loss between logits.
 
     Args:
-        student, teacher: logits ``[..., C]`` (same shape). ``C == 1`` (regression, STS-B)
+        student, teacher: logits ``[..., C]`` (same shape), e.g. ``[B, C]`` (classification),
+            ``[B, L]`` (QA span logits), ``[B, L, V]`` (masked-LM). ``C == 1`` (regression, STS-B)
             uses mean squared error instead of KL.
         temperature: softmax temperature T > 0.
-        mask: optional ``bool`` ``[...]`` selecting the rows that count (e.g. masked-LM positions).
+        mask: optional ``bool`` ``[...]`` (``logits.shape[:-1]``) selecting the rows that count
+            (e.g. the masked-LM positions); no selected row gives a zero loss.
 
     Returns:
-        Scalar: ``T^2 * mean over rows of KL(softmax(t/T) || softmax(s/T))``.
+        Scalar: ``T^2 * mean over (selected) rows of KL(softmax(t/T) || softmax(s/T))``.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
     if student.shape[-1] == 1:
         return F.mse_loss(student.float(), teacher.float())
-    s = student.reshape(-1, student.shape[-1]).float()
-    t = teacher.reshape(-1, teacher.shape[-1]).float()
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])
     if mask is not None:
         keep = mask.reshape(-1)
-        s, t = s[keep], t[keep]
+        if not keep.any():
+            return student.sum() * 0.0  # keeps the graph; batchmean over 0 rows would be nan
+        s, t = s[keep], t[keep]  # before .float(): [B*L, V] MLM logits are large
+    s, t = s.float(), t.float()
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def _scored_positions(logits: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+    """``labels != -100`` when ``labels`` has one label per logits row (token-level: masked-LM
+    ``[B, L]`` for ``[B, L, V]`` logits), so KD skips the positions the task loss ignores; else ``None``.
+    Sequence-level labels (``[B]`` for ``[B, C]``) are never -100, so GLUE is unaffected either way."""
+    labels = inputs.get("labels")
+    if isinstance(labels, torch.Tensor) and logits.dim() >= 3 and labels.shape == logits.shape[:-1]:
+        return labels != IGNORE_INDEX
+    return None
 
 
 class DistillationModifier(Modifier):
@@ -96,6 +113,6 @@ class DistillationModifier(Modifier):
         for key in self.distill_output_keys:
             if key not in outputs or key not in teacher_out:
                 raise self.error(f"model output has no '{key}' (outputs: {list(outputs.keys())})", "distill_output_keys", key)
-            terms.append(kd_loss(outputs[key], teacher_out[key], self.temperature))
+            terms.append(kd_loss(outputs[key], teacher_out[key], self.temperature, _scored_positions(outputs[key], inputs)))
         distill = torch.stack(terms).mean()
         return (1.0 - self.hardness) * loss + self.hardness * distill

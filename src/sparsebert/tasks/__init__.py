@@ -7,7 +7,7 @@ from .base import DataArgs, DataError, Task, TaskData
 __all__ = ["DataArgs", "DataError", "Task", "TaskData", "get_task", "TASK_NAMES"]
 
 GLUE_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-TASK_NAMES = GLUE_NAMES + ("squad",)
+TASK_NAMES = GLUE_NAMES + ("squad", "mlm")
 
 
 def get_task(name: str) -> Task:
@@ -25,4 +25,8 @@ def get_task(name: str) -> Task:
         from .squad import SquadTask
 
         return SquadTask()
+    if key == "mlm":
+        from .mlm import MlmTask
+
+        return MlmTask()
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")

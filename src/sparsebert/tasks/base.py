@@ -54,6 +54,7 @@ class DataArgs:
         seed: seed for shuffles and deterministic splits.
         doc_stride: SQuAD window overlap (tokens).
         split_by_article: SQuAD ``"TRAIN:EVAL"`` article counts to split one file.
+        streaming: MLM: read, tokenise and pack the training corpus lazily (needs ``max_train_samples``).
     """
 
     data_dir: str | None = None
@@ -65,6 +66,7 @@ class DataArgs:
     seed: int = 42
     doc_stride: int = 128
     split_by_article: str | None = None
+    streaming: bool = False
 
 
 @dataclasses.dataclass
