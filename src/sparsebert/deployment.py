@@ -3,8 +3,8 @@
 ``ENGINES`` is the registry used by ``benchmark``, ``serve`` and ``evaluate_onnx``: engine name ->
 ``factory(deployment_dir, num_threads) -> run``, where ``run(feeds)`` takes a dict of int64 numpy
 arrays ``[batch, seq]`` (the manifest's ``inputs``) and returns the manifest's ``outputs`` as a list
-of float32 numpy arrays. A new engine (e.g. the sparse CPU engine) registers with
-:func:`register_engine`.
+of float32 numpy arrays. Built in: ``onnxruntime``, ``torch``, ``sparsebert`` (the sparse CPU engine,
+:mod:`sparsebert.engine`) and ``sparsebert-int8``; others register with :func:`register_engine`.
 """
 
 from __future__ import annotations
@@ -79,9 +79,39 @@ def _torch(deployment_dir: Path, num_threads: int | None) -> Engine:
     return run
 
 
+def _sparsebert(deployment_dir: Path, num_threads: int | None, precision: str | None = None) -> Engine:
+    """sparsebert's own CPU engine (:func:`sparsebert.engine.compile`) on the folder's PyTorch weights
+    (or the manifest's ``source``), sparse kernels for pruned Linear layers; precision from the manifest."""
+    import torch
+
+    from .engine import EngineError, compile
+
+    manifest = load_manifest(deployment_dir)
+    try:
+        model = compile(deployment_dir, num_threads=num_threads, precision=precision or manifest.get("precision", "fp32"),
+                        task=manifest["task_kind"])
+    except EngineError as e:
+        raise DeploymentError(str(e)) from None
+    outputs = manifest["outputs"]
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return [out[n].numpy() for n in outputs]
+
+    return run
+
+
+def _sparsebert_int8(deployment_dir: Path, num_threads: int | None) -> Engine:
+    """``sparsebert`` engine in INT8 whatever the manifest's precision (dynamic activation scales;
+    weight scales from ``quantization.json`` when present, else per channel from the weights)."""
+    return _sparsebert(deployment_dir, num_threads, "int8")
+
+
 ENGINES: dict[str, Callable[[Path, int | None], Engine]] = {
     "onnxruntime": _onnxruntime,
     "torch": _torch,
+    "sparsebert": _sparsebert,
+    "sparsebert-int8": _sparsebert_int8,
 }
 
 

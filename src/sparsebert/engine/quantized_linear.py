@@ -60,8 +60,10 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> 
     scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
     if scale.numel() == 1:
         scale = scale.expand(n)
-    if scale.numel() != n or not bool((scale > 0).all()):
-        raise ValueError(f"weight scale must have 1 or {n} (out_features) positive values, got {scale.numel()}")
+    if scale.numel() != n:
+        raise ValueError(f"weight scale must have 1 or {n} (out_features) values, got {scale.numel()}")
+    if not bool((scale > 0).all()):
+        raise ValueError(f"weight scales must be positive, got min {float(scale.min())}")
     scale = scale.contiguous().clone()
     inv = (1.0 / scale)[:, None]
     return torch.clamp(torch.round(w * inv), -QMAX_W, QMAX_W).to(torch.int8), scale

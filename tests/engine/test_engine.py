@@ -1,0 +1,198 @@
+"""``sparsebert.engine.compile``: full-model parity with PyTorch (FP32, INT8 vs fake-quant), loading of
+checkpoint / deployment folders, threads, and the ``sparsebert`` engine in benchmark and serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+from sparsebert.engine import CompiledBert, EngineError, SparseLinear, SparseLinearInt8, compile, int8_reference_model
+from tests_helpers import save_tiny_model
+
+# hidden 48 / FFN 100 (not multiples of the SIMD width), 3 heads of 16 dims
+CONFIG = dict(hidden_size=48, num_attention_heads=3, intermediate_size=100)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    return {head: save_tiny_model(root / head, head=head, prune=0.8, seed=1, **CONFIG) for head in ("cls", "qa")}
+
+
+def _inputs(batch: int = 3, seq: int = 13, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1000, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, max(1, seq // 2):] = 0  # a padded row (never all padding)
+    types = torch.zeros_like(ids)
+    types[:, seq // 2:] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+
+def _max_diff(a, b, keys) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in keys)
+
+
+@pytest.mark.parametrize("head,auto,keys", [("cls", AutoModelForSequenceClassification, ["logits"]),
+                                            ("qa", AutoModelForQuestionAnswering, ["start_logits", "end_logits"])])
+def test_fp32_parity_with_pytorch(folders, head, auto, keys):
+    ref = auto.from_pretrained(folders[head]).eval()
+    model = compile(folders[head], num_threads=2)
+    assert isinstance(model, CompiledBert) and model.task_kind == ("text-classification" if head == "cls" else "question-answering")
+    formats = {row["format"] for row in model.summary()}
+    assert formats <= {"csr", "block4", "dense"} and formats & {"csr", "block4"}  # sparse kernels really used
+    for batch, seq in ((3, 13), (1, 1), (2, 70)):
+        feeds = _inputs(batch, seq)
+        with torch.no_grad():
+            expected = ref(**feeds)
+        got = model(**feeds)
+        assert got[keys[0]].dtype == torch.float32 and got[keys[0]].shape == expected[keys[0]].shape
+        assert _max_diff(got, expected, keys) < 1e-4
+    # no mask / no token types, numpy inputs, tuple output
+    ids = _inputs()["input_ids"]
+    with torch.no_grad():
+        expected = ref(input_ids=ids)
+    got = model(ids.numpy(), return_dict=False)
+    assert isinstance(got, tuple) and float((got[0] - expected[keys[0]]).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("pattern", ["dense", "unstructured"])
+def test_fp32_parity_dense_model_and_forced_pattern(tmp_path, pattern):
+    folder = save_tiny_model(tmp_path / "dense", head="cls", prune=0.0, **CONFIG)
+    ref = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    model = compile(ref, pattern=pattern)  # a model object: not modified
+    assert {row["format"] for row in model.summary()} == {"dense" if pattern == "dense" else "csr"}
+    feeds = _inputs()
+    with torch.no_grad():
+        expected = ref(**feeds)
+    assert _max_diff(model(**feeds), expected, ["logits"]) < 1e-4
+
+
+@pytest.mark.parametrize("head,keys", [("cls", ["logits"]), ("qa", ["start_logits", "end_logits"])])
+def test_int8_parity_with_fake_quant_reference(folders, head, keys):
+    model = compile(folders[head], precision="int8", num_threads=2)
+    assert all(isinstance(m, SparseLinearInt8) for layer in model.layers for m in layer.values())
+    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForQuestionAnswering
+    fp32 = auto.from_pretrained(folders[head]).eval()
+    ref = int8_reference_model(fp32)
+    feeds = _inputs(3, 21)
+    with torch.no_grad():
+        expected, exact = ref(**feeds), fp32(**feeds)
+    got = model(**feeds)
+    scale = max(float(exact[k].abs().max()) for k in keys)
+    # Same integers as the reference; a float rounding difference can move a value across a
+    # quantization boundary, so allow a small fraction of the output range.
+    assert _max_diff(got, expected, keys) < 1e-3 * scale
+    assert _max_diff(got, exact, keys) < 0.1 * scale  # and INT8 stays close to FP32
+
+
+def test_int8_uses_qat_scales(folders, tmp_path):
+    import shutil
+
+    folder = tmp_path / "qat"
+    shutil.copytree(folders["cls"], folder)
+    name = "bert.encoder.layer.0.intermediate.dense"
+    w = AutoModelForSequenceClassification.from_pretrained(folder).get_submodule(name).weight.detach()
+    scales = (w.abs().amax(1) / 64).clamp_min(1e-8)
+    qstate = {"format_version": 1, "modules": {name: {"type": "linear", "weight_bits": 8, "per_channel": True,
+                                                      "weight_scale": scales.tolist(), "activation": None}}}
+    (folder / "quantization.json").write_text(json.dumps(qstate))
+    model = compile(folder, precision="int8")
+    layer = model.layers[0]["intermediate"]
+    assert torch.allclose(layer.wscale, scales) and int(layer.int_weight().abs().max()) == 64
+    ref = int8_reference_model(AutoModelForSequenceClassification.from_pretrained(folder).eval(), qstate)
+    feeds = _inputs()
+    with torch.no_grad():
+        expected = ref(**feeds)
+    assert _max_diff(model(**feeds), expected, ["logits"]) < 1e-3 * float(expected["logits"].abs().max())
+
+
+def test_threads_honoured(folders, monkeypatch):
+    seen = []
+    original = SparseLinear.run
+
+    def spy(self, *a, **k):
+        seen.append((torch.get_num_threads(), self.num_threads))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(SparseLinear, "run", spy)
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    model = compile(folders["cls"], num_threads=target)
+    model(**_inputs())
+    assert seen and all(s == (target, target) for s in seen)
+    assert torch.get_num_threads() == before  # restored
+
+
+def test_loading_errors(tmp_path, folders):
+    with pytest.raises(EngineError, match="not found"):
+        compile(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EngineError, match="config.json"):
+        compile(tmp_path / "empty")
+    with pytest.raises(EngineError, match="precision"):
+        compile(folders["cls"], precision="fp16")
+    with pytest.raises(EngineError, match="task"):
+        compile(folders["cls"], task="translation")
+
+
+@pytest.fixture(scope="module")
+def deployment(folders, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from sparsebert.export import export_onnx
+
+    return export_onnx(folders["cls"], tmp_path_factory.mktemp("deploy") / "d", task="sst2")
+
+
+def test_deployment_folder_engine_matches_onnxruntime(deployment):
+    from sparsebert.deployment import create_engine, random_inputs
+
+    feeds = random_inputs(deployment, 2, 16)
+    ort = create_engine("onnxruntime", deployment, 1)(feeds)
+    for name in ("sparsebert", "sparsebert-int8"):
+        out = create_engine(name, deployment, 2)(feeds)
+        assert out[0].dtype == np.float32 and out[0].shape == ort[0].shape
+        tol = 1e-4 if name == "sparsebert" else 0.1 * float(np.abs(ort[0]).max())
+        assert float(np.abs(out[0] - ort[0]).max()) < tol
+
+
+def test_deployment_without_weights_uses_source(deployment, tmp_path):
+    import shutil
+
+    copy = tmp_path / "d"
+    shutil.copytree(deployment, copy)
+    for f in copy.glob("*.safetensors"):
+        f.unlink()
+    assert compile(copy).source == Path(json.loads((copy / "manifest.json").read_text())["source"])
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"] = str(tmp_path / "gone")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="source"):
+        compile(copy)
+
+
+def test_cli_benchmark_and_serve_with_sparsebert_engine(deployment):
+    from typer.testing import CliRunner
+
+    from sparsebert.cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", str(deployment), "--engine", "sparsebert", "--compare", "onnxruntime",
+                                      "--iterations", "3", "--warmup", "1", "--sequence-length", "16", "--num-threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [r["engine"] for r in rows] == ["sparsebert", "onnxruntime"]
+
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from sparsebert.serve import create_app
+
+    client = TestClient(create_app(deployment, engine="sparsebert", num_threads=1))
+    assert client.get("/health").json()["engine"] == "sparsebert"
+    pred = client.post("/predict", json={"text": "a fine film"}).json()
+    assert pred["label"] in ("negative", "positive") and 0 <= pred["score"] <= 1

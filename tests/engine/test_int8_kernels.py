@@ -1,0 +1,131 @@
+"""INT8 sparse kernel (``spmm_q8`` / ``SparseLinearInt8``) against the plain-torch fake-quant reference,
+and the mixed-layout ``run`` entry points of both precisions against torch's dense matmul."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparsebert.engine import SparseLinear, SparseLinearInt8, reference_int8_linear
+from sparsebert.engine import kernels as kernels_pkg
+from sparsebert.engine.quantized_linear import activation_qparams_7bit, quantize_weight
+
+needs_kernels = pytest.mark.skipif(
+    os.environ.get("SPARSEBERT_DISABLE_KERNELS", "") not in ("", "0"), reason="kernels disabled by env"
+)
+
+SHAPES = [  # (M, K, N): odd sizes, not multiples of the SIMD width (8 floats / 32 bytes)
+    (1, 33, 17),
+    (5, 7, 9),
+    (67, 100, 70),
+    (130, 98, 64),  # two full 64-token tiles + a ragged tail; K not a multiple of 4
+    (64, 517, 136),  # several K chunks
+]
+
+
+def _weight(n: int, k: int, sparsity: float, pattern: str, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, generator=gen)
+    if pattern == "block4":
+        keep = (torch.rand(n, (k + 3) // 4, generator=gen) >= sparsity).repeat_interleave(4, dim=1)[:, :k]
+    elif pattern == "2:4":  # the 2 largest of every 4 consecutive inputs
+        wp = torch.nn.functional.pad(w, (0, (-k) % 4)).view(n, -1, 4)
+        idx = wp.abs().topk(2, dim=-1).indices
+        keep = torch.zeros_like(wp, dtype=torch.bool).scatter(-1, idx, True).view(n, -1)[:, :k]
+    else:
+        keep = torch.rand(n, k, generator=gen) >= sparsity
+    w = w * keep
+    if n > 2:
+        w[1] = 0.0  # an all-zero output row
+    return w
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # Same integers, same scales: only float32 rounding of the final scale-and-add differs.
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d_K%d_N%d" % s)
+@pytest.mark.parametrize("sparsity,pattern", [(0.0, "unstructured"), (0.9, "unstructured"), (0.8, "block4"), (0.5, "2:4")])
+def test_int8_matches_fake_quant_reference(shape, sparsity, pattern):
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(hash((shape, sparsity, pattern)) % 2**31)
+    w = _weight(n, k, sparsity, pattern, gen)
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen) * 3 + 0.5  # asymmetric range: zero point != 0
+    lin = SparseLinearInt8.from_dense(w, b, pattern=pattern if pattern != "block4" else "auto", num_threads=2)
+    assert lin.format == "q8"
+    wq, _ = quantize_weight(w)
+    assert torch.equal(lin.int_weight(), wq.float())
+    ref = reference_int8_linear(x, w, b)
+    _close(lin(x), ref)
+    _close(lin.run(x.t().contiguous(), x_t=True, y_t=True).t(), ref)
+    _close(SparseLinearInt8.from_dense(w, b, pattern="dense")(x), ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "M%d_K%d_N%d" % s)
+def test_int8_portable_path_matches_reference(shape):
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(11)
+    w, b, x = _weight(n, k, 0.7, "unstructured", gen), torch.randn(n, generator=gen), torch.randn(m, k, generator=gen)
+    lin = SparseLinearInt8.from_dense(w, b)
+    sx, zp = activation_qparams_7bit(x)
+    mod = kernels_pkg.load()
+    args = (x, lin.order, lin.row_ptr, lin.col, lin.qval, lin.wscale, lin.wsum, lin.bias, n, lin.k_chunk, lin.n_block, sx, zp, 2)
+    ref = reference_int8_linear(x, w, b)
+    _close(mod.spmm_q8(*args, force_generic=True), ref)
+    _close(mod.spmm_q8(*args), ref)
+    _close(mod.spmm_q8(x.t().contiguous(), *args[1:], x_t=True, force_generic=True), ref)
+
+
+def test_int8_qat_scales_and_quantization_error_bounded():
+    gen = torch.Generator().manual_seed(12)
+    w, x = _weight(40, 64, 0.8, "unstructured", gen), torch.randn(9, 64, generator=gen)
+    scale = (w.abs().amax(1) / 100).clamp_min(1e-8)  # e.g. learned in QAT: values up to +-100
+    lin = SparseLinearInt8.from_dense(w, None, weight_scale=scale)
+    assert torch.equal(lin.wscale, scale) and int(lin.int_weight().abs().max()) == 100
+    _close(lin(x), reference_int8_linear(x, w, None, scale))
+    exact = x @ w.T  # the INT8 result stays within a few quantization steps of float32
+    assert float((lin(x) - exact).abs().max()) < 0.05 * float(exact.abs().max())
+    with pytest.raises(ValueError, match="40"):
+        SparseLinearInt8.from_dense(w, None, weight_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="positive"):
+        SparseLinearInt8.from_dense(w, None, weight_scale=torch.zeros(40))
+
+
+def test_int8_bad_inputs():
+    lin = SparseLinearInt8.from_dense(torch.randn(8, 12))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 12\]"):
+        lin(torch.zeros(4, 13))
+    with pytest.raises(ValueError, match="non-finite"):
+        lin(torch.full((2, 12), float("inf")))
+    with pytest.raises(ValueError, match="2:4"):
+        SparseLinearInt8.from_dense(torch.randn(8, 12), pattern="2:4")
+    assert lin(torch.zeros(0, 12)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block4", "dense"])
+@pytest.mark.parametrize("x_t,y_t", [(False, False), (False, True), (True, False), (True, True)])
+def test_fp32_run_layouts_match_dense(pattern, x_t, y_t):
+    gen = torch.Generator().manual_seed(13)
+    w, b, x = _weight(37, 45, 0.85, "unstructured", gen), torch.randn(37, generator=gen), torch.randn(70, 45, generator=gen)
+    lin = SparseLinear.from_dense(w, b, pattern=pattern)
+    y = lin.run(x.t().contiguous() if x_t else x, x_t=x_t, y_t=y_t)
+    ref = (x.double() @ w.double().T + b.double()).float()
+    torch.testing.assert_close(y.t() if y_t else y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@needs_kernels
+def test_kernel_reports_threads_used():
+    mod = kernels_pkg.load()
+    gen = torch.Generator().manual_seed(14)
+    w = _weight(256, 64, 0.5, "unstructured", gen)
+    x = torch.randn(256, 64, generator=gen)  # 4 token tiles: enough work for 2 threads
+    for threads in (1, 2):
+        SparseLinear.from_dense(w, None, pattern="unstructured", num_threads=threads)(x)
+        assert mod.last_num_threads() == threads
+        SparseLinearInt8.from_dense(w, None, num_threads=threads)(x)
+        assert mod.last_num_threads() == threads
