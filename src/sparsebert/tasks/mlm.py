@@ -134,7 +134,7 @@ def _wiki_documents(lines: Iterable[str], path: Path) -> Iterator[str]:
 
 
 def _wiki_text(body: list[str], title: str | None) -> str:
-    if body and title is not None and body[0] == title:
+    if body and title is not None and html.unescape(body[0]) == title:
         body = body[1:]  # WikiExtractor repeats the title as the first line
     cleaned = (clean_wiki_text(line) for line in body)
     return "\n".join(line for line in cleaned if line)
@@ -225,6 +225,11 @@ def _local_corpus(corpus: Path, validation_file: str | None) -> Corpus:
                       f"held out: the last file {heldout[0]}")
     return Corpus(_files_documents(files, lambda i: not is_heldout_document(i)), _files_documents(files, is_heldout_document),
                   f"MLM: one corpus file {files[0]}; every {HELDOUT_EVERY}th document is held out, the rest trained on")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A missing local path, not a hub id (``owner/name[:config]`` has at most one ``/``)."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.endswith((".txt", ".bz2", ".gz"))
 
 
 def _hub_corpus(spec: str, streaming: bool) -> Corpus:
@@ -452,6 +457,9 @@ class MlmTask(Task):
         """
         import datasets
 
+        if need_train and args.streaming and not args.max_train_samples:
+            raise DataError("--streaming reads the corpus lazily and cannot count its blocks: "
+                            "pass --max-train-samples (blocks per epoch)")
         corpus = self._corpus(args, need_train)
         evals = {"heldout": self._eval_set(corpus.heldout(), "held-out text", tokenizer, args)}
         shared = default_shared_data_dir()
@@ -462,9 +470,6 @@ class MlmTask(Task):
         train = None
         if need_train:
             if args.streaming:
-                if not args.max_train_samples:
-                    raise DataError("--streaming reads the corpus lazily and cannot count its blocks: "
-                                    "pass --max-train-samples (blocks per epoch)")
                 train = StreamingBlocks(corpus.train, tokenizer, args.max_seq_length, args.max_train_samples, seed=args.seed)
             else:
                 blocks = list(iter_blocks(corpus.train(), tokenizer, args.max_seq_length))
@@ -485,8 +490,8 @@ class MlmTask(Task):
                 raise DataError("MLM: no corpus given (--data-dir or --train-file: a text file or folder, or a hub "
                                 "dataset NAME[:CONFIG]) and no shared wikipedia-sample/text folder found")
             source = shared / WIKI_SAMPLE
-        if Path(source).exists():
-            return _local_corpus(Path(source), args.validation_file)
+        if Path(source).exists() or _looks_like_path(str(source)):
+            return _local_corpus(Path(source), args.validation_file)  # DataError if it does not exist
         if args.validation_file:
             raise DataError(f"--validation-file is for local corpora; {source} is not a local file or folder")
         return _hub_corpus(str(source), streaming=args.streaming and need_train)
