@@ -55,14 +55,25 @@ def test_int8_matches_fake_quant_reference(shape, sparsity, pattern):
     w = _weight(n, k, sparsity, pattern, gen)
     b = torch.randn(n, generator=gen)
     x = torch.randn(m, k, generator=gen) * 3 + 0.5  # asymmetric range: zero point != 0
-    lin = SparseLinearInt8.from_dense(w, b, pattern=pattern if pattern != "block4" else "auto", num_threads=2)
-    assert lin.format == "q8"
     wq, _ = quantize_weight(w)
-    assert torch.equal(lin.int_weight(), wq.float())
     ref = reference_int8_linear(x, w, b)
-    _close(lin(x), ref)
-    _close(lin.run(x.t().contiguous(), x_t=True, y_t=True).t(), ref)
+    for layout, fmt in (("quads", "q8"), ("pairs", "q8p")):
+        lin = SparseLinearInt8.from_dense(w, b, pattern=pattern if pattern != "block4" else "auto", num_threads=2, layout=layout)
+        assert lin.format == fmt
+        assert torch.equal(lin.int_weight(), wq.float())
+        _close(lin(x), ref)
+        _close(lin.run(x.t().contiguous(), x_t=True, y_t=True).t(), ref)
+        _close(lin.run(x, y_t=True).t(), ref)
     _close(SparseLinearInt8.from_dense(w, b, pattern="dense")(x), ref)
+
+
+def test_int8_auto_layout():
+    gen = torch.Generator().manual_seed(10)
+    assert SparseLinearInt8.from_dense(_weight(64, 96, 0.9, "unstructured", gen)).format == "q8p"
+    assert SparseLinearInt8.from_dense(_weight(64, 96, 0.8, "block4", gen)).format == "q8"
+    assert SparseLinearInt8.from_dense(_weight(64, 96, 0.0, "unstructured", gen)).format == "q8"
+    with pytest.raises(ValueError, match="layout"):
+        SparseLinearInt8.from_dense(_weight(8, 8, 0.5, "unstructured", gen), layout="triples")
 
 
 @needs_kernels
@@ -71,14 +82,16 @@ def test_int8_portable_path_matches_reference(shape):
     m, k, n = shape
     gen = torch.Generator().manual_seed(11)
     w, b, x = _weight(n, k, 0.7, "unstructured", gen), torch.randn(n, generator=gen), torch.randn(m, k, generator=gen)
-    lin = SparseLinearInt8.from_dense(w, b)
     sx, zp = activation_qparams_7bit(x)
     mod = kernels_pkg.load()
-    args = (x, lin.order, lin.row_ptr, lin.col, lin.qval, lin.wscale, lin.wsum, lin.bias, n, lin.k_chunk, lin.n_block, sx, zp, 2)
     ref = reference_int8_linear(x, w, b)
-    _close(mod.spmm_q8(*args, force_generic=True), ref)
-    _close(mod.spmm_q8(*args), ref)
-    _close(mod.spmm_q8(x.t().contiguous(), *args[1:], x_t=True, force_generic=True), ref)
+    for layout in ("quads", "pairs"):
+        lin = SparseLinearInt8.from_dense(w, b, layout=layout)
+        args = (x, lin.order, lin.row_ptr, lin.col, lin.qval, lin.wscale, lin.wsum, lin.bias, n, lin.k_chunk, lin.n_block, sx, zp, 2)
+        pairs = layout == "pairs"
+        _close(mod.spmm_q8(*args, force_generic=True, pairs=pairs), ref)
+        _close(mod.spmm_q8(*args, pairs=pairs), ref)
+        _close(mod.spmm_q8(x.t().contiguous(), *args[1:], x_t=True, force_generic=True, pairs=pairs), ref)
 
 
 def test_int8_qat_scales_and_quantization_error_bounded():
@@ -127,5 +140,6 @@ def test_kernel_reports_threads_used():
     for threads in (1, 2):
         SparseLinear.from_dense(w, None, pattern="unstructured", num_threads=threads)(x)
         assert mod.last_num_threads() == threads
-        SparseLinearInt8.from_dense(w, None, num_threads=threads)(x)
-        assert mod.last_num_threads() == threads
+        for layout in ("quads", "pairs"):
+            SparseLinearInt8.from_dense(w, None, num_threads=threads, layout=layout)(x)
+            assert mod.last_num_threads() == threads

@@ -13,6 +13,8 @@
 //   CSR    : col[e] = k,                         val[e]           = W[n, k]
 //   BLOCK4 : col[e] = k (multiple of 4),         val[4e .. 4e+3]  = W[n, k .. k+3]
 //   Q8     : as BLOCK4 with int8 values (per-output-channel symmetric weights, scale wscale[n])
+//   Q8P    : pairs of any two nonzeros of a row chunk: col[2e], col[2e+1] = k_a, k_b (k_a < k_b, or
+//            k_b = k_a with weight 0 for an odd count), wpair[e] = int16 w_a | int16 w_b << 16
 //
 // Strategy (the XNNPACK / DeepSparse "sparse x NCHW" idea applied to tokens):
 //   * Split M into tiles of W8 = 8*R tokens (R <= 8 AVX2 registers; a ragged last tile
@@ -34,6 +36,13 @@
 // int16; 7-bit activations keep 2 * 127 * 127 below the int16 saturation point) then
 // _mm256_madd_epi16 with ones (-> int32) and an int32 add. The int32 tile is turned back to
 // float once per block:  y = float(acc - zp * wsum[n]) * (sx * wscale[n]) + bias[n].
+//
+// INT8 pairs (Q8P): unstructured sparsity leaves most quads with one nonzero, so quads waste 3/4
+// of the work. Pairs of *any* two nonzeros of a row use all of it: the activations are kept as
+// int16 XP[K][W16] (tokens contiguous, permuted within each 16 so that the lane-wise unpack below
+// yields tokens in order); per pair and 16 tokens: _mm256_unpacklo/hi_epi16(x_a, x_b) interleave the
+// two input rows, _mm256_madd_epi16 with the broadcast (w_a, w_b) gives 8 + 8 int32 sums. No
+// saturation is possible (int16 x int16 products, int32 sums).
 //
 // ISA: the AVX2/FMA code is compiled through __attribute__((target)) and chosen at run
 // time with __builtin_cpu_supports, so one cached build runs on any x86-64 CPU; the
@@ -73,7 +82,7 @@ constexpr int kMaxR = 8;          // accumulators per output row -> widest tile:
 constexpr int kMaxW = 8 * kMaxR;  // widest M tile
 constexpr int kGroup = 8;         // output rows per 8x8 output transpose
 
-enum class Format { CSR, BLOCK4, Q8 };
+enum class Format { CSR, BLOCK4, Q8, Q8P };
 
 bool cpu_has_avx2_fma() {
 #if SB_X86
@@ -276,6 +285,66 @@ void item_q8_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, i
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
       store_yt_generic(pf, ytf + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+  }
+}
+
+// ---- Q8P (portable) ----
+
+// Position of token j (of 16) inside its 16-token group of XP: [0-3, 8-11, 4-7, 12-15], the order
+// _mm256_packs_epi32 produces from tokens 0-7 and 8-15 and _mm256_unpack{lo,hi}_epi16 undoes.
+inline int xp_pos(int j) {
+  const int g = j & ~15, t = j & 15;
+  return g + (t & 3) + ((t & 4) << 1) + ((t & 8) >> 1);
+}
+
+void pack_xp_generic(const Problem& p, int64_t m0, int64_t w, int W16, int16_t* xp) {
+  for (int64_t k = 0; k < p.K; ++k)
+    for (int j = 0; j < W16; ++j) {
+      int16_t q = 0;
+      if (j < w) {
+        const float v = p.x_t ? p.x[k * p.M + m0 + j] : p.x[(m0 + j) * p.K + k];
+        q = quantize_generic(v, p.x_inv_scale, p.x_zp);
+      }
+      xp[k * W16 + xp_pos(j)] = q;
+    }
+}
+
+void q8p_row_generic(const int16_t* xp, int W16, const int32_t* col, const int32_t* wpair,
+                     int64_t e0, int64_t e1, int32_t* out) {
+  int32_t acc[kMaxW];
+  for (int j = 0; j < W16; ++j) acc[j] = out[j];
+  for (int64_t e = e0; e < e1; ++e) {
+    const int16_t* xa = xp + static_cast<int64_t>(col[2 * e]) * W16;
+    const int16_t* xb = xp + static_cast<int64_t>(col[2 * e + 1]) * W16;
+    const int32_t wa = static_cast<int16_t>(wpair[e] & 0xFFFF), wb = static_cast<int16_t>(wpair[e] >> 16);
+    for (int j = 0; j < W16; ++j) {
+      const int q = xp_pos(j);
+      acc[j] += xa[q] * wa + xb[q] * wb;
+    }
+  }
+  for (int j = 0; j < W16; ++j) out[j] = acc[j];
+}
+
+void item_q8p_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int64_t n_end,
+                      int16_t* xp, int32_t* yt, bool xp_ready) {
+  const int W16 = static_cast<int>((w + 15) / 16) * 16;
+  if (!xp_ready) pack_xp_generic(p, m0, w, W16, xp);
+  Problem pf = p;
+  pf.bias = nullptr;  // added by the dequantization
+  const int32_t* wpair = reinterpret_cast<const int32_t*>(p.qval);
+  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
+    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
+    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W16);
+    for (int64_t c = 0; c < p.n_kc; ++c) {
+      const int32_t* rp = p.row_ptr + c * p.N;
+      const int32_t* ord = p.order + c * p.N;
+      for (int64_t i = nb0; i < nb1; ++i)
+        q8p_row_generic(xp, W16, p.col, wpair, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W16);
+    }
+    q8_dequant_generic(p, yt, W16, nb0, nb1 - nb0);
+    const float* ytf = reinterpret_cast<const float*>(yt);
+    for (int64_t g = nb0; g < nb1; g += kGroup)
+      store_yt_generic(pf, ytf + (g - nb0) * W16, W16, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
 }
 
@@ -580,6 +649,119 @@ SB_AVX2 void item_q8_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_beg
   }
 }
 
+// ---- Q8P (AVX2) ----
+
+SB_AVX2 void pack_xp_avx2(const Problem& p, int64_t m0, int64_t w, int W16, int16_t* xp) {
+  const __m256 inv = _mm256_set1_ps(p.x_inv_scale);
+  const __m256i zp = _mm256_set1_epi32(p.x_zp);
+  const int64_t K = p.K;
+  for (int64_t g0 = 0; g0 < W16; g0 += 16) {
+    if (g0 + 16 > w) {  // ragged last tokens: portable code for this 16-token group
+      for (int64_t k = 0; k < K; ++k)
+        for (int j = 0; j < 16; ++j) {
+          int16_t q = 0;
+          if (g0 + j < w) {
+            const int64_t m = m0 + g0 + j;
+            q = quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], p.x_inv_scale, p.x_zp);
+          }
+          xp[k * W16 + xp_pos(static_cast<int>(g0) + j)] = q;
+        }
+      continue;
+    }
+    int64_t k = 0;
+    if (p.x_t) {
+      for (; k < K; ++k) {
+        const float* src = p.x + k * p.M + m0 + g0;
+        const __m256i v = _mm256_packs_epi32(quantize8_avx2(_mm256_loadu_ps(src), inv, zp),
+                                             quantize8_avx2(_mm256_loadu_ps(src + 8), inv, zp));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(xp + k * W16 + g0), v);
+      }
+    } else {
+      const float* lo = p.x + (m0 + g0) * K;  // tokens 0-7 of the group
+      const float* hi = lo + 8 * K;           // tokens 8-15
+      for (; k + 8 <= K; k += 8) {
+        __m256 a[8], b[8];
+        for (int r = 0; r < 8; ++r) {
+          a[r] = _mm256_loadu_ps(lo + r * K + k);
+          b[r] = _mm256_loadu_ps(hi + r * K + k);
+        }
+        transpose8x8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+        transpose8x8(b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]);
+        for (int r = 0; r < 8; ++r) {
+          const __m256i v = _mm256_packs_epi32(quantize8_avx2(a[r], inv, zp), quantize8_avx2(b[r], inv, zp));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(xp + (k + r) * W16 + g0), v);
+        }
+      }
+      for (; k < K; ++k)
+        for (int j = 0; j < 16; ++j)
+          xp[k * W16 + xp_pos(static_cast<int>(g0) + j)] =
+              quantize_generic(p.x[(m0 + g0 + j) * K + k], p.x_inv_scale, p.x_zp);
+    }
+  }
+}
+
+// THE INT8 PAIRS HOT LOOP: out[0 .. 16 R2) (int32) += sum_e x[k_a] * w_a + x[k_b] * w_b.
+template <int R2>
+SB_AVX2 inline void q8p_row_avx2(const int16_t* __restrict xp, const int32_t* __restrict col,
+                                 const int32_t* __restrict wpair, int64_t e0, int64_t e1,
+                                 int32_t* __restrict out) {
+  constexpr int W16 = 16 * R2;
+  if (e0 == e1) return;
+  __m256i acc[2 * R2];
+#pragma GCC unroll 8
+  for (int r = 0; r < 2 * R2; ++r) acc[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(out + 8 * r));
+#pragma GCC unroll 2
+  for (int64_t e = e0; e < e1; ++e) {
+    const __m256i w = _mm256_set1_epi32(wpair[e]);
+    const int16_t* xa = xp + static_cast<int64_t>(col[2 * e]) * W16;
+    const int16_t* xb = xp + static_cast<int64_t>(col[2 * e + 1]) * W16;
+#pragma GCC unroll 4
+    for (int g = 0; g < R2; ++g) {
+      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 16 * g));
+      const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + 16 * g));
+      acc[2 * g] = _mm256_add_epi32(acc[2 * g], _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), w));
+      acc[2 * g + 1] = _mm256_add_epi32(acc[2 * g + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), w));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < 2 * R2; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8 * r), acc[r]);
+}
+
+template <int R2>
+SB_AVX2 void q8p_rows_avx2(const Problem& p, const int16_t* xp, int64_t m0, int64_t w,
+                           int64_t n_begin, int64_t n_end, int32_t* yt) {
+  constexpr int W16 = 16 * R2;
+  Problem pf = p;
+  pf.bias = nullptr;  // added by the dequantization
+  const int32_t* wpair = reinterpret_cast<const int32_t*>(p.qval);
+  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
+    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
+    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W16);
+    for (int64_t c = 0; c < p.n_kc; ++c) {
+      const int32_t* rp = p.row_ptr + c * p.N;
+      const int32_t* ord = p.order + c * p.N;
+      for (int64_t i = nb0; i < nb1; ++i)
+        q8p_row_avx2<R2>(xp, p.col, wpair, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W16);
+    }
+    q8_dequant_avx2(p, yt, W16, nb0, nb1 - nb0);
+    const float* ytf = reinterpret_cast<const float*>(yt);
+    for (int64_t g = nb0; g < nb1; g += kGroup)
+      store_yt_avx2(pf, ytf + (g - nb0) * W16, W16, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+  }
+}
+
+SB_AVX2 void item_q8p_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_begin,
+                           int64_t n_end, int16_t* xp, int32_t* yt, bool xp_ready) {
+  const int R2 = static_cast<int>((w + 15) / 16);
+  if (!xp_ready) pack_xp_avx2(p, m0, w, 16 * R2, xp);
+  switch (R2) {
+    case 1: q8p_rows_avx2<1>(p, xp, m0, w, n_begin, n_end, yt); break;
+    case 2: q8p_rows_avx2<2>(p, xp, m0, w, n_begin, n_end, yt); break;
+    case 3: q8p_rows_avx2<3>(p, xp, m0, w, n_begin, n_end, yt); break;
+    default: q8p_rows_avx2<4>(p, xp, m0, w, n_begin, n_end, yt); break;
+  }
+}
+
 #endif  // SB_X86
 
 // --------------------------------------------------------------------------------------
@@ -617,7 +799,18 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
       const int64_t n_end = std::min(N, (s + 1) * blocks_per_item * p.nb);
       if (n_begin >= n_end) continue;
       const bool ready = (t == cached_tile);
-      if constexpr (F == Format::Q8) {
+      if constexpr (F == Format::Q8P) {
+        int16_t* xp = reinterpret_cast<int16_t*>(xt);
+        int32_t* acc = reinterpret_cast<int32_t*>(yt);
+#if SB_X86
+        if (use_avx2)
+          item_q8p_avx2(p, m0, w, n_begin, n_end, xp, acc, ready);
+        else
+          item_q8p_generic(p, m0, w, n_begin, n_end, xp, acc, ready);
+#else
+        item_q8p_generic(p, m0, w, n_begin, n_end, xp, acc, ready);
+#endif
+      } else if constexpr (F == Format::Q8) {
         uint8_t* xq = reinterpret_cast<uint8_t*>(xt);
         int32_t* acc = reinterpret_cast<int32_t*>(yt);
 #if SB_X86
@@ -733,9 +926,11 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
                    const at::Tensor& wsum, const c10::optional<at::Tensor>& bias, int64_t N,
                    int64_t k_chunk, int64_t n_block, double x_scale, int64_t x_zero_point,
                    int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
-                   int64_t tile_w, bool force_generic) {
-  TORCH_CHECK(qval.scalar_type() == at::kChar && qval.numel() == 4 * col.numel() && qval.is_contiguous(),
-              "spmm_q8: qval must be a contiguous int8 tensor of 4 values per entry of col");
+                   int64_t tile_w, bool force_generic, bool pairs) {
+  // quads: 4 int8 weights per entry of col; pairs: 2 entries of col and one int32 (2 x int16) per pair
+  TORCH_CHECK(qval.scalar_type() == at::kChar && qval.numel() == (pairs ? 2 : 4) * col.numel() && qval.is_contiguous(),
+              "spmm_q8: qval must be a contiguous int8 tensor of 4 bytes per quad (quads: one col each; pairs: two)");
+  TORCH_CHECK(!pairs || tile_w % 16 == 0, "spmm_q8: pairs need tile_w a multiple of 16");
   TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.numel() == N && wscale.is_contiguous(),
               "spmm_q8: wscale must be a contiguous float32 [N] tensor");
   TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.numel() == N && wsum.is_contiguous(),
@@ -743,7 +938,7 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   TORCH_CHECK(x_scale > 0 && std::isfinite(x_scale), "spmm_q8: x_scale must be positive and finite");
   TORCH_CHECK(x_zero_point >= 0 && x_zero_point <= 127, "spmm_q8: x_zero_point must be in [0, 127]");
   Problem p;
-  at::Tensor y = prepare(p, x, order, row_ptr, col, bias, N, k_chunk, n_block, out, x_t, y_t, tile_w, true);
+  at::Tensor y = prepare(p, x, order, row_ptr, col, bias, N, k_chunk, n_block, out, x_t, y_t, tile_w, !pairs);
   if (p.M == 0 || N == 0) return y;
   p.qval = qval.data_ptr<int8_t>();
   p.wscale = wscale.data_ptr<float>();
@@ -752,7 +947,11 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   p.x_inv_scale = 1.0f / static_cast<float>(x_scale);
   p.x_zp = static_cast<int32_t>(x_zero_point);
   const bool avx2 = cpu_has_avx2_fma() && !force_generic;
-  run<Format::Q8>(p, static_cast<int>(std::max<int64_t>(1, num_threads)), static_cast<int>(tile_w), avx2);
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  if (pairs)
+    run<Format::Q8P>(p, threads, static_cast<int>(tile_w), avx2);
+  else
+    run<Format::Q8>(p, threads, static_cast<int>(tile_w), avx2);
   return y;
 }
 
@@ -774,12 +973,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("spmm_q8", &spmm_q8,
         "Y = dequant(quant(X) @ Wq^T) (+ bias): X quantized per tensor to [0, 127] with "
-        "(x_scale, x_zero_point), Wq int8 quads packed like BLOCK4 with per-row scales wscale",
+        "(x_scale, x_zero_point), Wq int8 quads packed like BLOCK4 (or pairs) with per-row scales wscale",
         py::arg("x"), py::arg("order"), py::arg("row_ptr"), py::arg("col"), py::arg("qval"),
         py::arg("wscale"), py::arg("wsum"), py::arg("bias"), py::arg("n"), py::arg("k_chunk"),
         py::arg("n_block"), py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"),
         py::arg("out") = py::none(), py::arg("x_t") = false, py::arg("y_t") = false,
-        py::arg("tile_w") = 64, py::arg("force_generic") = false,
+        py::arg("tile_w") = 64, py::arg("force_generic") = false, py::arg("pairs") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set the kernels dispatch to on this CPU");
   m.def("last_num_threads", &last_num_threads,
