@@ -143,3 +143,28 @@ def test_kernel_reports_threads_used():
         for layout in ("quads", "pairs"):
             SparseLinearInt8.from_dense(w, None, num_threads=threads, layout=layout)(x)
             assert mod.last_num_threads() == threads
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("kind", ["csr", "block4", "dense", "q8", "q8p", "int8-dense"])
+def test_fused_activation_and_range(act, kind):
+    gen = torch.Generator().manual_seed(15)
+    w, b = _weight(45, 53, 0.8, "unstructured", gen), torch.randn(45, generator=gen)
+    x = torch.randn(67, 53, generator=gen)
+    if kind in ("csr", "block4", "dense"):
+        lin = SparseLinear.from_dense(w, b, pattern={"csr": "unstructured"}.get(kind, kind))
+        pre = (x.double() @ w.double().T + b.double()).float()
+    else:
+        lin = SparseLinearInt8.from_dense(w, b, pattern="dense" if kind == "int8-dense" else "auto",
+                                          layout={"q8": "quads", "q8p": "pairs"}.get(kind, "auto"))
+        pre = reference_int8_linear(x, w, b)
+    ref = {"gelu": torch.nn.functional.gelu(pre), "gelu_tanh": torch.nn.functional.gelu(pre, approximate="tanh"),
+           "relu": pre.relu()}[act]
+    minmax = torch.empty(2)
+    for y_t in (False, True):
+        y = lin.run(x, y_t=y_t, act=act, minmax=minmax)
+        torch.testing.assert_close(y.t() if y_t else y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        assert torch.allclose(minmax, torch.stack(torch.aminmax(y)))
+    if isinstance(lin, SparseLinearInt8):  # a known input range gives the same result as measuring it
+        rng = torch.stack(torch.aminmax(x))
+        torch.testing.assert_close(lin.run(x, x_range=rng), lin.run(x))

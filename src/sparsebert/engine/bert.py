@@ -4,12 +4,12 @@ The encoder's six Linear layers per block (query/key/value fused into one ``[3H,
 attention output, intermediate, output) are packed once into :class:`SparseLinear` (FP32) or
 :class:`SparseLinearInt8` (INT8), each choosing its own format from its weight (dense BLAS for
 weights too dense to gain, csr or block4 otherwise). Everything else runs as dense torch ops:
-the Hugging Face embeddings module, ``scaled_dot_product_attention``, GELU (in place),
-residual adds and LayerNorm, pooler and task head (FP32 in both precisions).
+the Hugging Face embeddings module, ``scaled_dot_product_attention``, residual adds and
+LayerNorm, pooler and task head (FP32 in both precisions).
 
-Layout: activations are token-major ``[batch * seq, H]`` except the FFN intermediate, which the
-kernels produce and consume feature-major ``[I, batch * seq]`` (no transposes of the largest
-tensor).
+Activations are token-major ``[batch * seq, H]`` (measured faster than feature-major for the FFN
+at batch 32). GELU/ReLU run in the FFN1 kernel's epilogue; in INT8 that epilogue also measures
+the range of the FFN activation, so FFN2 quantizes its input without another pass.
 
 INT8 (``precision="int8"``): the encoder Linear layers use per-output-channel symmetric int8
 weights (the QAT scales of ``quantization.json`` when present, QAT-quantized embedding tables
@@ -35,7 +35,8 @@ from .sparse_linear import SparseLinear
 __all__ = ["CompiledBert", "compile_model", "int8_reference_model", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "int8")
-_FAST_ACT = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# HF hidden_act -> activation fused into the FFN1 kernel epilogue (others run as HF's module)
+_KERNEL_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 @contextlib.contextmanager
@@ -81,6 +82,8 @@ class _Layer:
         self.head_dim = att.self.attention_head_size
         self.act = act
         self.act_module = block.intermediate.intermediate_act_fn
+        self.int8 = isinstance(self.ffn2, SparseLinearInt8)
+        self.range = torch.empty(2)  # (min, max) of the FFN activation, for the INT8 FFN2 input
 
     def linears(self) -> dict[str, torch.nn.Module]:
         return {"qkv": self.qkv, "attention_output": self.o, "intermediate": self.ffn1, "output": self.ffn2}
@@ -92,14 +95,13 @@ class _Layer:
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         a = self.o.run(ctx.transpose(1, 2).reshape(batch * seq, hidden))
         x = F.layer_norm(a.add_(x), (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        h = self.ffn1.run(x, y_t=True)  # [I, M] feature-major
-        if self.act in _FAST_ACT:
-            h = torch.ops.aten.gelu_(h, approximate=_FAST_ACT[self.act])
-        elif self.act == "relu":
-            h = h.relu_()
+        fused = _KERNEL_ACT.get(self.act)
+        if self.int8 and fused:  # the FFN1 epilogue applies the activation and measures its range
+            h = self.ffn1.run(x, act=fused, minmax=self.range)
+            y = self.ffn2.run(h, x_range=self.range)
         else:
-            h = self.act_module(h)
-        y = self.ffn2.run(h, x_t=True)
+            h = self.ffn1.run(x, act=fused)
+            y = self.ffn2.run(h if fused else self.act_module(h))
         return F.layer_norm(y.add_(x), (hidden,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels as _kernels
-from .sparse_linear import DEFAULT_N_BLOCK, _check_n_m, _pack_sorted
+from .sparse_linear import ACT_CODES, DEFAULT_N_BLOCK, _check_n_m, _pack_sorted, apply_epilogue
 
 __all__ = ["SparseLinearInt8", "quantize_weight", "activation_qparams_7bit", "reference_int8_linear"]
 
@@ -114,8 +114,10 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> 
     return torch.clamp(torch.round(w * inv), -QMAX_W, QMAX_W).to(torch.int8), scale
 
 
-def activation_qparams_7bit(x: torch.Tensor) -> tuple[float, int]:
+def activation_qparams_7bit(x: torch.Tensor, x_range: torch.Tensor | None = None) -> tuple[float, int]:
     """Dynamic per-tensor ``(scale, zero_point)`` of ``x`` for 7-bit unsigned values [0, 127].
+
+    ``x_range``: ``(min(x), max(x))`` when already known (skips the pass over ``x``).
 
     Raises:
         ValueError: ``x`` holds NaN or infinite values.
@@ -124,7 +126,7 @@ def activation_qparams_7bit(x: torch.Tensor) -> tuple[float, int]:
 
     if x.numel() == 0:
         return 1.0, 0
-    lo, hi = torch.aminmax(x)
+    lo, hi = torch.aminmax(x) if x_range is None else x_range
     lo, hi = float(lo), float(hi)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"cannot quantize activations with non-finite values (min {lo}, max {hi})")
@@ -283,11 +285,14 @@ class SparseLinearInt8(torch.nn.Module):
         return self.run(x.reshape(-1, k)).view(*lead, self.out_features)
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False) -> torch.Tensor:
+    def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False, act: str | None = None,
+            minmax: torch.Tensor | None = None, x_range: torch.Tensor | None = None) -> torch.Tensor:
         """2-D entry point: ``x`` float32 ``[M, K]`` (``[K, M]`` when ``x_t``) -> float32 ``[M, N]``
-        (``[N, M]`` when ``y_t``). Feature-major layouts save the kernel's transposes."""
+        (``[N, M]`` when ``y_t``). ``act`` / ``minmax``: the kernel epilogue, as in
+        :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when already known (e.g. the
+        previous layer's ``minmax``), which saves a pass over ``x``."""
         x = x.contiguous()
-        sx, zp = activation_qparams_7bit(x)
+        sx, zp = activation_qparams_7bit(x, x_range)
         mod = _kernels.load() if self.format != "dense" else None
         if mod is None:
             if self.format != "dense" and not SparseLinearInt8._warned_fallback:
@@ -298,11 +303,11 @@ class SparseLinearInt8(torch.nn.Module):
                 SparseLinearInt8._warned_fallback = True
             if self.weight_q is None:
                 self.weight_q = self.int_weight()
-            return self._dense(x, sx, zp, x_t, y_t)
+            return apply_epilogue(self._dense(x, sx, zp, x_t, y_t), act, minmax)
         threads = self.num_threads or torch.get_num_threads()
         return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
                            self.out_features, self.k_chunk, self.n_block, sx, zp, threads, x_t=x_t, y_t=y_t,
-                           pairs=self.format == "q8p")
+                           pairs=self.format == "q8p", act=ACT_CODES[act], minmax=minmax)
 
     def _dense(self, x: torch.Tensor, sx: float, zp: int, x_t: bool, y_t: bool) -> torch.Tensor:
         # Integer math in float32: |sum of products| <= 127 * 127 * K < 2**24 for K <= 1040; above

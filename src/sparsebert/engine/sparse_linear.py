@@ -63,6 +63,28 @@ AUTO_LONG_CHUNK_DENSITY = 0.08
 DEFAULT_N_BLOCK = 64
 
 _FMT_CODE = {"csr": 0, "block4": 1}
+# Epilogue activations of the kernels (``act`` argument of ``SparseLinear.run``).
+ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+def apply_epilogue(y: torch.Tensor, act: str | None, minmax: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' epilogue in torch (for the dense and fallback paths): ``act`` in place on
+    ``y``, and ``(min, max)`` of the result into ``minmax`` when given. Returns ``y``."""
+    if act == "gelu":
+        y = torch.ops.aten.gelu_(y)
+    elif act == "gelu_tanh":
+        y = torch.ops.aten.gelu_(y, approximate="tanh")
+    elif act == "relu":
+        y = y.relu_()
+    elif act is not None:
+        raise ValueError(f"act must be one of {list(ACT_CODES)}, got {act!r}")
+    if minmax is not None:
+        if y.numel():
+            lo, hi = torch.aminmax(y)
+            minmax[0], minmax[1] = lo, hi
+        else:
+            minmax.copy_(torch.tensor([float("inf"), float("-inf")]))
+    return y
 _PATTERNS = ("auto", "unstructured", "block4", "dense")
 
 
@@ -340,10 +362,15 @@ class SparseLinear(torch.nn.Module):
                         x_t=True, y_t=True)
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False) -> torch.Tensor:
+    def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False, act: str | None = None,
+            minmax: torch.Tensor | None = None) -> torch.Tensor:
         """Unchecked 2-D entry point for engines: ``x`` float32 ``[M, K]`` (``[K, M]`` when
-        ``x_t``) -> a new float32 ``[M, N]`` (``[N, M]`` when ``y_t``). Any mix of layouts:
-        feature-major activations between two layers skip the kernel's transposes."""
+        ``x_t``) -> a new float32 ``[M, N]`` (``[N, M]`` when ``y_t``).
+
+        ``act``: ``None``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"relu"``, applied to the output
+        in the kernel's epilogue (no extra pass over memory). ``minmax``: a float32 tensor of 2
+        elements that receives ``(min, max)`` of the output (for the next INT8 layer).
+        """
         x = x.contiguous()
         mod = _kernels.load() if self.format != "dense" else None
         if mod is None:
@@ -351,12 +378,14 @@ class SparseLinear(torch.nn.Module):
             b = self.bias
             if y_t:  # Y^T = W @ X^T (+ b[:, None])
                 xt = x if x_t else x.t()
-                return torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
-            xm = x.t() if x_t else x
-            return F.linear(xm, w, b)
+                y = torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
+            else:
+                y = F.linear(x.t() if x_t else x, w, b)
+            return apply_epilogue(y, act, minmax)
         threads = self.num_threads or torch.get_num_threads()
         return mod.spmm(x, self.order, self.row_ptr, self.col, self.val, self.bias, self.out_features,
-                        _FMT_CODE[self.format], self.k_chunk, self.n_block, threads, None, x_t=x_t, y_t=y_t)
+                        _FMT_CODE[self.format], self.k_chunk, self.n_block, threads, None, x_t=x_t, y_t=y_t,
+                        act=ACT_CODES[act], minmax=minmax)
 
     def _dense(self, x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor | None) -> torch.Tensor:
         if out2 is None:

@@ -37,6 +37,12 @@
 // _mm256_madd_epi16 with ones (-> int32) and an int32 add. The int32 tile is turned back to
 // float once per block:  y = float(acc - zp * wsum[n]) * (sx * wscale[n]) + bias[n].
 //
+// Epilogue: with an activation (GELU, ReLU) or a requested output range, the finished float
+// block (bias added) goes through one more pass while it is in L1, so the activation costs no
+// extra pass over memory and the next INT8 layer needs no min/max pass over its input.
+// The vector GELU uses Eigen's rational approximation of erf on [-4, 4] (|error| < 5e-7; erf is
+// +-1 in float32 beyond), the tanh form a Cephes-style exp (relative error < 2e-7).
+//
 // INT8 pairs (Q8P): unstructured sparsity leaves most quads with one nonzero, so quads waste 3/4
 // of the work. Pairs of *any* two nonzeros of a row use all of it: the activations are kept as
 // int16 XP[K][W16] (tokens contiguous, permuted within each 16 so that the lane-wise unpack below
@@ -130,7 +136,13 @@ struct Problem {
   const int32_t* wsum = nullptr;   // [N] sum of the row's int8 weights (zero-point correction)
   float x_scale = 1.0f, x_inv_scale = 1.0f;
   int32_t x_zp = 0;
+  // Epilogue (all formats): activation applied to y (after bias), and the range of y.
+  int act = 0;                // 0 none, 1 GELU (erf), 2 GELU (tanh approximation), 3 ReLU
+  float* minmax = nullptr;    // if set: receives min(y), max(y)
 };
+
+// Range of the outputs a thread stored (reduced over threads at the end of run()).
+thread_local float tl_min, tl_max;
 
 // Threads of the last parallel region (reported to Python for checks).
 std::atomic<int> g_last_threads{0};
@@ -156,6 +168,31 @@ std::atomic<int> g_last_threads{0};
       for (int64_t j = 0; j < w; ++j) dst[j] = src[j] + b;                                  \
     }                                                                                       \
   }
+
+// ---- epilogue (portable) ----
+
+inline float act_generic(float v, int act) {
+  switch (act) {
+    case 1: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case 2: return 0.5f * v * (1.0f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case 3: return v > 0.0f ? v : 0.0f;
+    default: return v;
+  }
+}
+
+// Rows n0 .. n0+rows of a finished float block: (+ bias), activation, range over tokens j < w.
+void finish_generic(const Problem& p, float* yt, int W, int64_t w, int64_t n0, int64_t rows, bool add_bias) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float b = (add_bias && p.bias) ? p.bias[n0 + i] : 0.0f;
+    float* r = yt + i * W;
+    for (int64_t j = 0; j < w; ++j) {
+      const float v = act_generic(r[j] + b, p.act);
+      r[j] = v;
+      tl_min = std::min(tl_min, v);
+      tl_max = std::max(tl_max, v);
+    }
+  }
+}
 
 // --------------------------------------------------------------------------------------
 // Portable path (same structure as the AVX2 path, scalar loops).
@@ -215,8 +252,12 @@ void item_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int6
       for (int64_t i = nb0; i < nb1; ++i)
         row_chunk_generic<F>(p, xt, W8, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
     }
+    const bool fin = p.act != 0 || p.minmax != nullptr;
+    if (fin) finish_generic(p, yt, W8, w, nb0, nb1 - nb0, true);
+    Problem pf = p;
+    if (fin) pf.bias = nullptr;  // added by the epilogue
     for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_generic(p, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+      store_yt_generic(pf, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
 }
 
@@ -282,6 +323,8 @@ void item_q8_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, i
         q8_row_generic(xq, W8, p.col, p.qval, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
     }
     q8_dequant_generic(p, yt, W8, nb0, nb1 - nb0);
+    if (p.act != 0 || p.minmax != nullptr)
+      finish_generic(p, reinterpret_cast<float*>(yt), W8, w, nb0, nb1 - nb0, false);
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
       store_yt_generic(pf, ytf + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
@@ -342,6 +385,8 @@ void item_q8p_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, 
         q8p_row_generic(xp, W16, p.col, wpair, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W16);
     }
     q8_dequant_generic(p, yt, W16, nb0, nb1 - nb0);
+    if (p.act != 0 || p.minmax != nullptr)
+      finish_generic(p, reinterpret_cast<float*>(yt), W16, w, nb0, nb1 - nb0, false);
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
       store_yt_generic(pf, ytf + (g - nb0) * W16, W16, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
@@ -469,6 +514,107 @@ SB_AVX2 inline void sparse_row_fma_avx2(const float* __restrict xt,
   for (int r = 0; r < R; ++r) _mm256_store_ps(out + 8 * r, acc[r]);
 }
 
+// ---- epilogue (AVX2) ----
+
+// exp(x); inputs below -86 give exp(-86) ~ 4e-38 (tiny but normal: denormals are ~100x slower).
+SB_AVX2 inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-86.0f)), _mm256_set1_ps(88.3f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// 1 / d (12-bit estimate + one Newton step: relative error ~1e-7, cheaper than a division).
+SB_AVX2 inline __m256 rcp_avx2(__m256 d) {
+  const __m256 r = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+}
+
+template <int ACT>
+SB_AVX2 inline __m256 act_avx2(__m256 v) {
+  const __m256 half_v = _mm256_mul_ps(_mm256_set1_ps(0.5f), v);
+  if constexpr (ACT == 1) {  // 0.5 v (1 + erf(v / sqrt 2)), erf as Eigen's float rational approximation
+    const __m256 z = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f)),
+                                                 _mm256_set1_ps(-4.0f)), _mm256_set1_ps(4.0f));
+    const __m256 z2 = _mm256_mul_ps(z, z);
+    __m256 num = _mm256_fmadd_ps(z2, _mm256_set1_ps(-2.72614225801306e-10f), _mm256_set1_ps(2.77068142495902e-08f));
+    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-2.10102402082508e-06f));
+    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-5.69250639462346e-05f));
+    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-7.34990630326855e-04f));
+    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-2.95459980854025e-03f));
+    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-1.60960333262415e-02f));
+    num = _mm256_mul_ps(z, num);
+    __m256 den = _mm256_fmadd_ps(z2, _mm256_set1_ps(-1.45660718464996e-05f), _mm256_set1_ps(-2.13374055278905e-04f));
+    den = _mm256_fmadd_ps(z2, den, _mm256_set1_ps(-1.68282697438203e-03f));
+    den = _mm256_fmadd_ps(z2, den, _mm256_set1_ps(-7.37332916720468e-03f));
+    den = _mm256_fmadd_ps(z2, den, _mm256_set1_ps(-1.42647390514189e-02f));
+    return _mm256_fmadd_ps(half_v, _mm256_mul_ps(num, rcp_avx2(den)), half_v);
+  }
+  if constexpr (ACT == 2) {  // 0.5 v (1 + tanh(u)), tanh(u) = 1 - 2 / (1 + exp(2u))
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.79788456080286536f),
+                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
+    const __m256 e = exp_avx2(_mm256_add_ps(u, u));
+    const __m256 r = rcp_avx2(_mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+    const __m256 th = _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), r, _mm256_set1_ps(1.0f));
+    return _mm256_fmadd_ps(half_v, th, half_v);
+  }
+  if constexpr (ACT == 3) return _mm256_max_ps(v, _mm256_setzero_ps());
+  return v;
+}
+
+template <int ACT>
+SB_AVX2 void finish_act_avx2(const Problem& p, float* yt, int W, int64_t w, int64_t n0, int64_t rows, bool add_bias) {
+  __m256 mn = _mm256_set1_ps(tl_min), mx = _mm256_set1_ps(tl_max);
+  const int64_t wfull = w / 8 * 8;
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m256 b = _mm256_set1_ps((add_bias && p.bias) ? p.bias[n0 + i] : 0.0f);
+    float* r = yt + i * W;
+    int64_t j = 0;
+    for (; j < wfull; j += 8) {
+      const __m256 v = act_avx2<ACT>(_mm256_add_ps(_mm256_load_ps(r + j), b));
+      _mm256_store_ps(r + j, v);
+      mn = _mm256_min_ps(mn, v);
+      mx = _mm256_max_ps(mx, v);
+    }
+    if (j < w) {  // ragged tokens: the whole vector is computed, only valid ones count
+      const __m256 v = act_avx2<ACT>(_mm256_add_ps(_mm256_load_ps(r + j), b));
+      _mm256_store_ps(r + j, v);
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, v);
+      for (int64_t q = 0; q < w - j; ++q) {
+        tl_min = std::min(tl_min, tmp[q]);
+        tl_max = std::max(tl_max, tmp[q]);
+      }
+    }
+  }
+  alignas(32) float a[8], c[8];
+  _mm256_store_ps(a, mn);
+  _mm256_store_ps(c, mx);
+  for (int q = 0; q < 8; ++q) {
+    tl_min = std::min(tl_min, a[q]);
+    tl_max = std::max(tl_max, c[q]);
+  }
+}
+
+SB_AVX2 void finish_avx2(const Problem& p, float* yt, int W, int64_t w, int64_t n0, int64_t rows, bool add_bias) {
+  switch (p.act) {
+    case 1: finish_act_avx2<1>(p, yt, W, w, n0, rows, add_bias); break;
+    case 2: finish_act_avx2<2>(p, yt, W, w, n0, rows, add_bias); break;
+    case 3: finish_act_avx2<3>(p, yt, W, w, n0, rows, add_bias); break;
+    default: finish_act_avx2<0>(p, yt, W, w, n0, rows, add_bias); break;
+  }
+}
+
 // Output rows [n_begin, n_end) of one M tile, block by block (see the header comment).
 template <Format F, int R>
 SB_AVX2 void rows_avx2(const Problem& p, const float* xt, int64_t m0, int64_t w,
@@ -483,8 +629,12 @@ SB_AVX2 void rows_avx2(const Problem& p, const float* xt, int64_t m0, int64_t w,
       for (int64_t i = nb0; i < nb1; ++i)
         sparse_row_fma_avx2<F, R>(xt, p.col, p.val, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
     }
+    const bool fin = p.act != 0 || p.minmax != nullptr;
+    if (fin) finish_avx2(p, yt, W8, w, nb0, nb1 - nb0, true);
+    Problem pf = p;
+    if (fin) pf.bias = nullptr;  // added by the epilogue
     for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_avx2(p, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+      store_yt_avx2(pf, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
 }
 
@@ -627,6 +777,8 @@ SB_AVX2 void q8_rows_avx2(const Problem& p, const uint8_t* xq, int64_t m0, int64
         q8_row_avx2<R>(xq, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
     }
     q8_dequant_avx2(p, yt, W8, nb0, nb1 - nb0);
+    if (p.act != 0 || p.minmax != nullptr)
+      finish_avx2(p, reinterpret_cast<float*>(yt), W8, w, nb0, nb1 - nb0, false);
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
       store_yt_avx2(pf, ytf + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
@@ -744,6 +896,8 @@ SB_AVX2 void q8p_rows_avx2(const Problem& p, const int16_t* xp, int64_t m0, int6
         q8p_row_avx2<R2>(xp, p.col, wpair, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W16);
     }
     q8_dequant_avx2(p, yt, W16, nb0, nb1 - nb0);
+    if (p.act != 0 || p.minmax != nullptr)
+      finish_avx2(p, reinterpret_cast<float*>(yt), W16, w, nb0, nb1 - nb0, false);
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
       store_yt_avx2(pf, ytf + (g - nb0) * W16, W16, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
@@ -782,9 +936,12 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
   const int64_t n_items = n_mtiles * n_split;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_items)));
 
+  float range_min = INFINITY, range_max = -INFINITY;
 #pragma omp parallel num_threads(nt)
   {
     static thread_local Scratch xt_buf, yt_buf;
+    tl_min = INFINITY;
+    tl_max = -INFINITY;
     float* xt = xt_buf.get(static_cast<size_t>(p.Kpad) * kMaxW);
     float* yt = yt_buf.get(static_cast<size_t>(p.nb) * kMaxW);
     int64_t cached_tile = -1;  // items are tile-major: consecutive ones reuse the XT tile
@@ -833,6 +990,17 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
       }
       cached_tile = t;
     }
+    if (p.minmax != nullptr) {
+#pragma omp critical(sparsebert_range)
+      {
+        range_min = std::min(range_min, tl_min);
+        range_max = std::max(range_max, tl_max);
+      }
+    }
+  }
+  if (p.minmax != nullptr) {
+    p.minmax[0] = range_min;
+    p.minmax[1] = range_max;
   }
 }
 
@@ -898,18 +1066,31 @@ at::Tensor prepare(Problem& p, const at::Tensor& x, const at::Tensor& order, con
   return y;
 }
 
+void set_epilogue(Problem& p, int64_t act, const c10::optional<at::Tensor>& minmax) {
+  TORCH_CHECK(act >= 0 && act <= 3, "spmm: act must be 0 (none), 1 (gelu), 2 (gelu tanh) or 3 (relu)");
+  p.act = static_cast<int>(act);
+  if (minmax.has_value() && minmax->defined()) {
+    TORCH_CHECK(minmax->scalar_type() == at::kFloat && minmax->numel() == 2 && minmax->is_contiguous(),
+                "spmm: minmax must be a contiguous float32 tensor of 2 elements");
+    p.minmax = minmax->data_ptr<float>();
+    p.minmax[0] = INFINITY;  // an empty output has the empty range
+    p.minmax[1] = -INFINITY;
+  }
+}
+
 // Raw entry points with minimal, cheap checks (the checked API is sparse_linear.py).
 at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
                    const at::Tensor& row_ptr, const at::Tensor& col,
                    const at::Tensor& val, const c10::optional<at::Tensor>& bias,
                    int64_t N, int64_t fmt, int64_t k_chunk, int64_t n_block,
                    int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
-                   int64_t tile_w, bool force_generic) {
+                   int64_t tile_w, bool force_generic, int64_t act, const c10::optional<at::Tensor>& minmax) {
   TORCH_CHECK(fmt == 0 || fmt == 1, "spmm: fmt must be 0 (csr) or 1 (block4)");
   TORCH_CHECK(val.scalar_type() == at::kFloat, "spmm: val must be float32");
   Problem p;
   at::Tensor y = prepare(p, x, order, row_ptr, col, bias, N, k_chunk, n_block, out, x_t, y_t, tile_w, fmt == 1);
   TORCH_CHECK(val.numel() == col.numel() * (fmt == 1 ? 4 : 1), "spmm: val does not match col");
+  set_epilogue(p, act, minmax);
   if (p.M == 0 || N == 0) return y;
   p.val = val.data_ptr<float>();
   const bool avx2 = cpu_has_avx2_fma() && !force_generic;
@@ -926,7 +1107,8 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
                    const at::Tensor& wsum, const c10::optional<at::Tensor>& bias, int64_t N,
                    int64_t k_chunk, int64_t n_block, double x_scale, int64_t x_zero_point,
                    int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
-                   int64_t tile_w, bool force_generic, bool pairs) {
+                   int64_t tile_w, bool force_generic, bool pairs, int64_t act,
+                   const c10::optional<at::Tensor>& minmax) {
   // quads: 4 int8 weights per entry of col; pairs: 2 entries of col and one int32 (2 x int16) per pair
   TORCH_CHECK(qval.scalar_type() == at::kChar && qval.numel() == (pairs ? 2 : 4) * col.numel() && qval.is_contiguous(),
               "spmm_q8: qval must be a contiguous int8 tensor of 4 bytes per quad (quads: one col each; pairs: two)");
@@ -939,6 +1121,7 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   TORCH_CHECK(x_zero_point >= 0 && x_zero_point <= 127, "spmm_q8: x_zero_point must be in [0, 127]");
   Problem p;
   at::Tensor y = prepare(p, x, order, row_ptr, col, bias, N, k_chunk, n_block, out, x_t, y_t, tile_w, !pairs);
+  set_epilogue(p, act, minmax);
   if (p.M == 0 || N == 0) return y;
   p.qval = qval.data_ptr<int8_t>();
   p.wscale = wscale.data_ptr<float>();
@@ -969,7 +1152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("n"), py::arg("fmt"), py::arg("k_chunk"), py::arg("n_block"),
         py::arg("num_threads"), py::arg("out") = py::none(), py::arg("x_t") = false,
         py::arg("y_t") = false, py::arg("tile_w") = 64,
-        py::arg("force_generic") = false,
+        py::arg("force_generic") = false, py::arg("act") = 0, py::arg("minmax") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("spmm_q8", &spmm_q8,
         "Y = dequant(quant(X) @ Wq^T) (+ bias): X quantized per tensor to [0, 127] with "
@@ -979,6 +1162,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_block"), py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"),
         py::arg("out") = py::none(), py::arg("x_t") = false, py::arg("y_t") = false,
         py::arg("tile_w") = 64, py::arg("force_generic") = false, py::arg("pairs") = false,
+        py::arg("act") = 0, py::arg("minmax") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set the kernels dispatch to on this CPU");
   m.def("last_num_threads", &last_num_threads,
