@@ -13,8 +13,10 @@ and 32, with ``--threads`` threads by:
   (:func:`sparsebert.engine.compile`) on each export;
 * ``DeepSparse FP32`` / ``INT8``: DeepSparse 1.8 in its own virtualenv (``--deepsparse-python``,
   default ``$SPARSEBERT_DEEPSPARSE_PYTHON`` or ``~/.venvs/deepsparse/bin/python``; rows skipped
-  when absent), on each export and on an ONNX Runtime static-QDQ INT8 model of it (calibrated
-  on random inputs), timed inside its own process.
+  when absent; ``python -m venv ~/.venvs/deepsparse && ~/.venvs/deepsparse/bin/pip install
+  deepsparse==1.8.0 "numpy<2"``), on the export and on an ONNX Runtime static-QDQ INT8 model of
+  it (calibrated on random inputs), timed inside its own process; by default FP32 at 0%, 90%,
+  80% block4 and INT8 at 90% (the issue's rows; ``--deepsparse-all`` for every cell).
 
 Per (model, batch) every engine x sparsity is measured *interleaved* (each round runs all of them,
 order rotated) so machine noise hits all alike; cells give the median latency and the ratio
@@ -46,6 +48,8 @@ SPARSITIES = {"0%": (0.0, "unstructured"), "80%": (0.8, "unstructured"), "90%": 
               "95%": (0.95, "unstructured"), "80% block4": (0.8, "block4")}
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 DEFAULT_DEEPSPARSE = Path.home() / ".venvs" / "deepsparse" / "bin" / "python"
+# DeepSparse compiles each (model, batch) for tens of seconds: by default only the issue's rows.
+DEEPSPARSE_CONFIGS = {("fp32", "0%"), ("fp32", "90%"), ("fp32", "80% block4"), ("int8", "90%")}
 
 # Runs inside the DeepSparse virtualenv: one JSON command per stdin line, one JSON reply per line.
 DEEPSPARSE_WORKER = r"""
@@ -85,6 +89,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--min-rounds", type=int, default=None, help="rounds per group at least (default 3 at b32, 10 at b1)")
     p.add_argument("--deepsparse-python", default=os.environ.get("SPARSEBERT_DEEPSPARSE_PYTHON", str(DEFAULT_DEEPSPARSE)),
                    help="python of a virtualenv with deepsparse==1.8.0 (skipped if missing)")
+    p.add_argument("--deepsparse-all", action="store_true",
+                   help="DeepSparse on every sparsity and precision (default: FP32 0/90%%/80%% block4, INT8 90%%)")
     p.add_argument("--workdir", default=None, help="where exports go (default: a temporary folder, removed)")
     p.add_argument("--quick", action="store_true", help="MiniLM, 0/90%%, few rounds; does not write BENCHMARKS.md")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
@@ -331,6 +337,8 @@ def main() -> None:
                             rows.setdefault("max abs diff, ours FP32 vs ORT (logits)", {})[label] = diff
                     if deepsparse:
                         for prec in args.precisions:
+                            if not args.deepsparse_all and (prec, label) not in DEEPSPARSE_CONFIGS:
+                                continue
                             try:
                                 onnx = deps[label] / "model.onnx" if prec == "fp32" else _ort_static_qdq(deps[label], batch, args.seq)
                                 targets[(f"DeepSparse {prec.upper()}", label)] = deepsparse.runner(onnx, feeds, args.threads, inputs)
@@ -339,7 +347,8 @@ def main() -> None:
                 big = batch >= 8 or model_name == "bert-base"
                 time_s = args.time if args.time is not None else (60.0 if big else 20.0)
                 min_rounds = args.min_rounds if args.min_rounds is not None else (3 if batch >= 8 else 10)
-                print(f"[{model_name} b{batch}] {len(targets)} targets, >= {min_rounds} rounds / {time_s:.0f} s ...", flush=True)
+                print(f"[{model_name} b{batch}] {len(targets)} targets, >= {min_rounds} rounds / {time_s:.0f} s "
+                      f"({(time.time() - t_start) / 60:.1f} min elapsed) ...", flush=True)
                 times = _measure(targets, time_s, min_rounds)
                 med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
                 ref = med[("ORT FP32", "0%")]
