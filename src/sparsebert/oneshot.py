@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from .modifiers import GradualPruningModifier, MovementPruningModifier
+from .modifiers import DistillationModifier, GradualPruningModifier, MovementPruningModifier
+from .recipe import Recipe, load_recipe
 from .session import RecipeSession
 from .tasks import DataArgs
 
@@ -90,7 +91,8 @@ def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_cal
         recipe: recipe path, YAML text, :class:`~sparsebert.recipe.Recipe` or modifier list; its
             :class:`GradualPruningModifier` s (GMP, OBS, movement) run in recipe order, their
             schedules (epochs, init_sparsity) ignored. Structural modifiers (layer dropping)
-            apply too; constant-pruning masks are re-applied at the end; others are ignored.
+            apply too; constant-pruning masks are re-applied at the end; others are ignored
+            (distillation is dropped, so a training recipe with KD runs without a teacher).
         dataset: calibration rows (a ``datasets.Dataset`` or a sequence of feature dicts) with labels.
         data_collator: batches rows (``DataCollatorWithPadding`` for unpadded token ids);
             default ``transformers.default_data_collator`` (rows of equal length).
@@ -106,6 +108,10 @@ def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_cal
         RecipeError: the recipe does not fit the model. ValueError: no pruning modifier, or
         the batches give no loss.
     """
+    if not isinstance(recipe, list):
+        recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        # nothing trains, so a training recipe's distillation needs no teacher: drop it
+        recipe = [m for m in recipe.modifiers if not isinstance(m, DistillationModifier)]
     session = RecipeSession(recipe, model)
     pruners = [m for m in session.modifiers if isinstance(m, GradualPruningModifier)]
     if not pruners:

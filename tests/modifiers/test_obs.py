@@ -260,7 +260,9 @@ def test_cli_oneshot(tmp_path, shared_data):
     torch.manual_seed(0)
     BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "r.yaml").write_text(obs_recipe(0.5, "block4").replace("num_grads: 4", "num_grads: 2"))
+    # a training recipe with KD: one-shot drops the distillation, so no teacher is needed
+    kd = "\ndistillation_modifiers:\n  - !DistillationModifier\n    hardness: 1.0\n    temperature: 2.0\n"
+    (tmp_path / "r.yaml").write_text(obs_recipe(0.5, "block4").replace("num_grads: 4", "num_grads: 2") + kd)
     out = tmp_path / "out"
     args = ["oneshot", "--task", "sst2", "--model", tmp_path / "m", "--recipe", tmp_path / "r.yaml", "--num-calibration-samples", 16,
             "--batch-size", 8, "--max-eval-samples", 16, "--output-dir", out]
