@@ -125,3 +125,29 @@ def test_cli_under_launcher_shards_the_data(tmp_path, shared_data, launcher):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
     assert r.stdout.count("metrics.json") == 1  # only rank 0 reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["squad-kd", "qat-kd"])
+def test_squad_and_qat_paths_under_torchrun(tmp_path, shared_data, path):
+    """SQuAD with start/end-logit KD, and stage-2 QAT with a constant mask + KD, run under 2-process torchrun;
+    the saved model keeps the pruned zeros (QAT) and reports once."""
+    from tests_helpers import save_tiny_model
+
+    root = Path(__file__).parents[2]
+    if path == "squad-kd":
+        tiny = save_tiny_model(tmp_path / "tiny", head="qa")
+        task = ["--task", "squad", "--recipe", str(root / "recipes/squad/gmp80-block4-kd.yaml"), "--max-seq-length", "128", "--doc-stride", "64"]
+    else:
+        tiny = save_tiny_model(tmp_path / "tiny", prune=0.5)
+        task = ["--task", "sst2", "--recipe", str(root / "recipes/glue/qat-constant.yaml")]
+    out = tmp_path / "out"
+    cmd = [*LAUNCHERS["torchrun"](free_port()), "-m", "sparsebert", "train", *task, "--model", str(tiny), "--teacher", str(tiny),
+           "--recipe-args", '{"num_epochs": 1}', "--max-train-samples", "64", "--max-eval-samples", "16", "--batch-size", "8", "--output-dir", str(out)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("metrics.json") == 1
+    metrics = __import__("json").loads((out / "metrics.json").read_text())
+    expected = 0.8 if path == "squad-kd" else 0.5
+    assert metrics["encoder_sparsity"] == pytest.approx(expected, abs=0.01)
