@@ -48,6 +48,7 @@ SPARSITIES = {"0%": (0.0, "unstructured"), "80%": (0.8, "unstructured"), "90%": 
               "95%": (0.95, "unstructured"), "80% block4": (0.8, "block4")}
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 DEFAULT_DEEPSPARSE = Path.home() / ".venvs" / "deepsparse" / "bin" / "python"
+PAUSE_S = 0.02  # between two timed calls (see _measure)
 # DeepSparse compiles each (model, batch) for tens of seconds: by default only the issue's rows.
 DEEPSPARSE_CONFIGS = {("fp32", "0%"), ("fp32", "90%"), ("fp32", "80% block4"), ("int8", "90%")}
 
@@ -259,18 +260,22 @@ class DeepSparse:
 # ------------------------------------------------------------------------------------------
 
 
-def _measure(targets: dict, time_s: float, min_rounds: int) -> dict[tuple, list[float]]:
-    """Interleaved rounds (order rotated) until ``time_s`` seconds and ``min_rounds`` rounds; one
-    untimed warm-up call each first."""
+def _measure(targets: dict, time_s: float, min_rounds: int, pause_s: float = PAUSE_S) -> dict[tuple, list[float]]:
+    """Interleaved rounds (order rotated) until ``time_s`` seconds of calls and ``min_rounds``
+    rounds; one untimed warm-up call each first. ``pause_s`` between calls lets the previous
+    engine's thread pool stop spinning (ONNX Runtime, OpenMP and DeepSparse workers busy-wait
+    for a while after a call), so it does not steal the cores from the next one."""
     keys = list(targets)
     for k in keys:
         targets[k]()
     times = {k: [] for k in keys}
-    start, rnd = time.perf_counter(), 0
-    while rnd < min_rounds or time.perf_counter() - start < time_s:
+    spent, rnd = 0.0, 0
+    while rnd < min_rounds or spent < time_s:
         order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
         for k in order:
+            time.sleep(pause_s)
             times[k].append(targets[k]())
+            spent += times[k][-1]
         rnd += 1
     return times
 
