@@ -83,7 +83,6 @@ class _Layer:
         self.act = act
         self.act_module = block.intermediate.intermediate_act_fn
         self.int8 = isinstance(self.ffn2, SparseLinearInt8)
-        self.range = torch.empty(2)  # (min, max) of the FFN activation, for the INT8 FFN2 input
 
     def linears(self) -> dict[str, torch.nn.Module]:
         return {"qkv": self.qkv, "attention_output": self.o, "intermediate": self.ffn1, "output": self.ffn2}
@@ -97,8 +96,9 @@ class _Layer:
         x = F.layer_norm(a.add_(x), (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
         fused = _KERNEL_ACT.get(self.act)
         if self.int8 and fused:  # the FFN1 epilogue applies the activation and measures its range
-            h = self.ffn1.run(x, act=fused, minmax=self.range)
-            y = self.ffn2.run(h, x_range=self.range)
+            rng = torch.empty(2)  # per call: the model may be called from several threads
+            h = self.ffn1.run(x, act=fused, minmax=rng)
+            y = self.ffn2.run(h, x_range=rng)
         else:
             h = self.ffn1.run(x, act=fused)
             y = self.ffn2.run(h if fused else self.act_module(h))
