@@ -196,3 +196,24 @@ def test_cli_benchmark_and_serve_with_sparsebert_engine(deployment):
     assert client.get("/health").json()["engine"] == "sparsebert"
     pred = client.post("/predict", json={"text": "a fine film"}).json()
     assert pred["label"] in ("negative", "positive") and 0 <= pred["score"] <= 1
+
+
+def test_parity_without_compiled_kernels(folders, monkeypatch):
+    """The pure-torch fallback (no compiler, or SPARSEBERT_DISABLE_KERNELS=1) computes the same model."""
+    import warnings
+
+    from sparsebert.engine import quantized_linear, sparse_linear
+
+    monkeypatch.setattr(sparse_linear._kernels, "load", lambda *a, **k: None)
+    monkeypatch.setattr(SparseLinear, "_warned_fallback", True)
+    monkeypatch.setattr(SparseLinearInt8, "_warned_fallback", True)
+    ref = AutoModelForSequenceClassification.from_pretrained(folders["cls"]).eval()
+    feeds = _inputs()
+    with torch.no_grad():
+        expected, expected8 = ref(**feeds), int8_reference_model(ref)(**feeds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert _max_diff(compile(folders["cls"])(**feeds), expected, ["logits"]) < 1e-4
+        got8 = compile(folders["cls"], precision="int8")(**feeds)
+    assert quantized_linear._kernels.load() is None
+    assert _max_diff(got8, expected8, ["logits"]) < 1e-3 * float(expected["logits"].abs().max())
