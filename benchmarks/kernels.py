@@ -12,6 +12,7 @@ speedups over dense. The ratio uses the fastest repeat of each (least disturbed)
     python benchmarks/kernels.py --mkl-avx2          # dense baseline limited to AVX2
                                                      # (what an AVX2-only CPU would get)
     python benchmarks/kernels.py --clock thread      # 1 thread, CPU time of the thread
+    python benchmarks/kernels.py --int8              # + SparseLinearInt8 (auto quads/pairs) per config
 
 On a shared machine wall-clock timings of multi-threaded runs are dominated by preemption
 (other processes' time slices); ``--clock thread`` measures the CPU time the calling thread
@@ -47,6 +48,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--stat", choices=["min", "median"], default="min")
     p.add_argument("--clock", choices=["wall", "thread"], default="wall",
                    help="thread: single-threaded, time.thread_time (robust to other processes)")
+    p.add_argument("--int8", action="store_true", help="also time SparseLinearInt8 (dynamic activations) per config")
     p.add_argument("--mkl-avx2", action="store_true",
                    help="re-run with MKL/oneDNN/ATen limited to AVX2 (emulates an AVX2-only CPU baseline)")
     return p.parse_args()
@@ -72,7 +74,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from sparsebert.engine import SparseLinear, kernel_isa
+    from sparsebert.engine import SparseLinear, SparseLinearInt8, kernel_isa
 
     if args.clock == "thread":
         args.threads = 1
@@ -85,16 +87,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', '-')}, "
           f"kernel ISA {kernel_isa()}, threads {args.threads}, clock {args.clock}, stat {args.stat}\n")
-    head = "| layer N x K | M | dense ms | " + " | ".join(f"{c[0]} ms (x)" for c in CONFIGS) + " |"
+    labels = [c[0] for c in CONFIGS] + ([f"INT8 {c[0]}" for c in CONFIGS] if args.int8 else [])
+    head = "| layer N x K | M | dense ms | " + " | ".join(f"{lb} ms (x)" for lb in labels) + " |"
     print(head)
-    print("|" + "---|" * (3 + len(CONFIGS)))
+    print("|" + "---|" * (3 + len(labels)))
     for m in args.m:
         for n, k in shapes:
             x = torch.randn(m, k, generator=gen)
             w_dense = torch.randn(n, k, generator=gen) / k**0.5
             b = torch.randn(n, generator=gen)
-            layers = [SparseLinear.from_dense(_weight(n, k, s, pat, gen), b, pattern=pat,
-                                              num_threads=args.threads) for _, s, pat in CONFIGS]
+            weights = [_weight(n, k, s, pat, gen) for _, s, pat in CONFIGS]
+            layers = [SparseLinear.from_dense(w, b, pattern=pat, num_threads=args.threads)
+                      for w, (_, _, pat) in zip(weights, CONFIGS)]
+            if args.int8:
+                layers += [SparseLinearInt8.from_dense(w, b, num_threads=args.threads) for w in weights]
             fns = [lambda: F.linear(x, w_dense, b)] + [lambda lin=lin: lin(x) for lin in layers]
             for f in fns:  # warm-up (first-touch, caches, OpenMP pool)
                 f()
