@@ -1,8 +1,24 @@
-"""Write a benchmark's results into BENCHMARKS.md between its own markers (replacing an older run)."""
+"""Shared by the benchmark scripts: run a logged CLI command, and write results into BENCHMARKS.md
+between a benchmark's own markers (replacing an older run)."""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    """Echo ``cmd``, run it from the repo root with stdout+stderr to ``log``.
+
+    Raises:
+        subprocess.CalledProcessError: the command failed (its output is in ``log``).
+    """
+    print("$", shlex.join(cmd), flush=True)
+    with log.open("w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def write_section(path: Path, name: str, title: str, body: str) -> str:

@@ -18,19 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-from _report import write_section
+from _report import ROOT, run_logged, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(cmd: list[str], log: Path) -> None:
-    print("$", shlex.join(cmd), flush=True)
-    with log.open("w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def main() -> None:
@@ -67,7 +59,7 @@ def main() -> None:
     for label, out, extra in plan:
         cmd = base + extra + ["--output-dir", str(out)]
         if not (ROOT / out / "metrics.json").is_file():
-            run(cmd + (["--overwrite"] if (ROOT / out).exists() else []), ROOT / runs / "logs" / f"{out.name}.log")
+            run_logged(cmd + (["--overwrite"] if (ROOT / out).exists() else []), ROOT / runs / "logs" / f"{out.name}.log")
         rows.append((label, json.loads((ROOT / out / "metrics.json").read_text()), shlex.join(cmd)))
 
     ref = rows[0][1]["validation"]

@@ -16,21 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-from _report import write_section
-
-ROOT = Path(__file__).resolve().parents[1]
+from _report import ROOT, run_logged, write_section
 METHODS = {"GMP": "gmp", "movement": "movement", "oBERT": "obs"}
 TARGETS = {"90% unstructured": "90-unstructured-kd", "80% block4": "80-block4-kd"}
 
-
-def run(cmd: list[str], log: Path) -> None:
-    print("$", shlex.join(cmd), flush=True)
-    with log.open("w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def main() -> None:
@@ -51,7 +43,7 @@ def main() -> None:
 
     def do(cmd: list[str], out: Path) -> dict:
         if not (ROOT / out / "metrics.json").is_file():
-            run(cmd + ["--output-dir", str(out), "--overwrite"], ROOT / runs / "logs" / f"{out.name}.log")
+            run_logged(cmd + ["--output-dir", str(out), "--overwrite"], ROOT / runs / "logs" / f"{out.name}.log")
         return json.loads((ROOT / out / "metrics.json").read_text())
 
     dense_acc = json.loads((ROOT / a.dense / "metrics.json").read_text())["validation"]["accuracy"]
