@@ -1,0 +1,166 @@
+"""Write the results of ``benchmarks/gpu_runs.py`` (its ``summary.json``) into BENCHMARKS.md.
+
+    python benchmarks/gpu_report.py SUMMARY_JSON --device "one NVIDIA H200" --command "bash benchmarks/gpu_session.sh ..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _report import ROOT, write_section
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def _row(runs: dict, name: str, label: str, metric, ref: float | None = None) -> str:
+    r = runs.get(name, {})
+    m = r.get("metrics")
+    if not m:
+        return f"| {label} | {r.get('status', 'not run')} | | | | |"
+    v = metric(m["validation"])
+    delta = "" if ref is None else f"{v - ref:+.2f}"
+    return (f"| {label} | {v:.2f} | {delta} | {_pct(m['encoder_sparsity'])}% | {m['epochs']:g} | "
+            f"{m['train_wall_seconds'] / 60:.1f} min |")
+
+
+def _epoch_curve(work_logs: dict, name: str) -> str:
+    curve = work_logs.get(name)
+    return ", ".join(f"{100 * a:.2f}" for a in curve) if curve else "n/a"
+
+
+def _commands(runs: dict, names: list[str]) -> str:
+    lines = [runs[n]["cmd"].replace("/tmp/gpu_runs", "runs/gpu").replace("/tmp/dev/minilm", "$MINILM")
+             for n in names if runs.get(n, {}).get("cmd")]
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+def report(summary: dict, curves: dict, device: str, command: str) -> None:
+    """Write the GPU sections of BENCHMARKS.md (issues 3, 4, 5 and 8)."""
+    runs = summary["runs"]
+    acc = lambda v: 100 * v["accuracy"]  # noqa: E731
+    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
+            "|---|---|---|---|---|---|")
+    where = (f"Device: {device}, all runs of `benchmarks/gpu_runs.py` side by side on it (wall times are "
+             f"shared-GPU times). Reproduce: `{command}`. Pre-trained weights: the packaged all-MiniLM-L6-v2, "
+             "carried to the GPU machine as FP16 and restored to FP32 (`benchmarks/gpu_carry.py`; `$MINILM` below).")
+    dense = runs.get("sst2-dense", {}).get("metrics")
+    ref = acc(dense["validation"]) if dense else None
+    body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, batch 32, seed 42. (b)/(c) start from (a) "
+            "and distill from it (hardness 1.0, T 2).", "", head,
+            _row(runs, "sst2-dense", "(a) dense fine-tune", acc, ref),
+            _row(runs, "sst2-gmp80-block4-kd", "(b) GMP 80% block4 + KD (prune over 1/2 of the run)", acc, ref),
+            _row(runs, "sst2-gmp80-block4-kd-longprune", "(b2) GMP 80% block4 + KD (prune over 3/4 of the run)", acc, ref),
+            _row(runs, "sst2-gmp90-unstructured-kd", "(c) GMP 90% unstructured + KD", acc, ref), "",
+            "Dev accuracy at each epoch end: " + "; ".join(
+                f"{n}: {_epoch_curve(curves, n)}" for n in ("sst2-gmp80-block4-kd", "sst2-gmp80-block4-kd-longprune",
+                                                            "sst2-gmp90-unstructured-kd")), "",
+            _commands(runs, ["sst2-dense", "sst2-gmp80-block4-kd", "sst2-gmp80-block4-kd-longprune", "sst2-gmp90-unstructured-kd"])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_sst2", "SST-2 main job on a GPU: full train set", "\n".join(body))
+
+    f1 = lambda v: v["f1"]  # noqa: E731
+    sq = runs.get("squad-dense", {}).get("metrics")
+    sref = sq["validation"]["f1"] if sq else None
+    rows = []
+    for name, label in (("squad-dense", "(a) dense fine-tune"), ("squad-gmp80-block4-kd", "(b) GMP 80% block4 + KD"),
+                        ("squad-gmp90-unstructured-kd", "(c) GMP 90% unstructured + KD")):
+        m = runs.get(name, {}).get("metrics")
+        if not m:
+            rows.append(f"| {label} | {runs.get(name, {}).get('status', 'not run')} | | | | | |")
+            continue
+        v = m["validation"]
+        rows.append(f"| {label} | {v['exact_match']:.2f} | {v['f1']:.2f} | {v['f1'] - sref:+.2f} | {_pct(m['encoder_sparsity'])}% "
+                    f"| {m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |")
+    body = [where, "", "SQuAD v1.1: **training used dev articles** (no train-v1.1.json offline): dev-v1.1.json split by "
+            "article, 36 for training and 12 held out (`--split-by-article 36:12`, seed 42; the split is saved as "
+            "`article_split.json`); scores are on the 12 held-out articles only and not comparable with official dev "
+            "figures. max_seq_length 384, doc_stride 128, batch 32. (b)/(c) start from (a) and distill its start/end "
+            "logits (hardness 1.0, T 5.5).", "",
+            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |",
+            "|---|---|---|---|---|---|---|", *rows, "",
+            _commands(runs, ["squad-dense", "squad-gmp80-block4-kd", "squad-gmp90-unstructured-kd"])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_squad", "SQuAD v1.1 on a GPU: dense vs GMP + KD", "\n".join(body))
+
+    rows = []
+    for target, label in (("90-unstructured", "90% unstructured"), ("80-block4", "80% block4")):
+        cells = []
+        for method in ("gmp", "movement", "obs"):
+            m = runs.get(f"m5-{method}{target}", {}).get("metrics")
+            cells.append(f"{acc(m['validation']):.2f} ({_pct(m['encoder_sparsity'])}%)" if m
+                         else runs.get(f"m5-{method}{target}", {}).get("status", "not run"))
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    pt = []
+    for method in ("gmp", "movement"):
+        m = runs.get(f"m5pt-{method}90-unstructured", {}).get("metrics")
+        pt.append(f"{method}: {acc(m['validation']):.2f}" if m else f"{method}: {runs.get(f'm5pt-{method}90-unstructured', {}).get('status')}")
+    body = [where, "", "SST-2, 16,000 training sentences (seeded subset), 2 epochs, pruning from epoch 0 to 1 (cubic, "
+            "mask update every 0.125 epoch), then 1 recovery epoch; every run starts from the full-data dense (a) "
+            "above and distills from it (hardness 1.0, T 2); seed 42. oBERT: num_grads 128, fisher_block_size 50 "
+            "(unstructured) / 20 (block4), damp 1e-7. Cells: dev accuracy (encoder Linear sparsity).", "",
+            "| target | GMP | movement | oBERT |", "|---|---|---|---|", *rows, "",
+            "Diagnostic, 90% unstructured from the *pre-trained* model instead of (a) (same budget, KD from (a)): "
+            + ", ".join(pt) + ".", "",
+            _commands(runs, [n for n in runs if n.startswith("m5")])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_methods", "SST-2 on a GPU: GMP vs movement vs oBERT (gradual)", "\n".join(body))
+
+    def mlm(name: str) -> str:
+        m = runs.get(name, {}).get("metrics")
+        if not m:
+            return runs.get(name, {}).get("status", "not run")
+        return ", ".join(f"{split}: ppl {v['perplexity']:.2f}" for split, v in m.items()
+                         if isinstance(v, dict) and "perplexity" in v)
+    stsb = lambda v: 100 * v["pearson"]  # noqa: E731
+    masks = {t: runs.get(f"mask-{t}", {}).get("status") for t in ("sst2-16k", "stsb")}
+    body = [where, "",
+            f"MLM on the wikipedia sample (held-out shard wiki_15 and WikiText-2 valid): teacher {mlm('mlm-teacher')}; "
+            f"80% unstructured student {mlm('mlm-student80')}.", "",
+            "Sparse transfer vs the alternatives, same fine-tuning budget per task (SST-2: 16,000 sentences, 2 epochs; "
+            "STS-B: full train, 3 epochs). The KD teacher for the sparse runs is the task's dense fine-tune (SST-2: the "
+            "full-data (a) above). GMP + KD starts from the pre-trained model, like the transfer run starts from the "
+            "sparse pre-trained one.", "",
+            head.replace("| dev |", "| dev (SST-2 acc. / STS-B Pearson) |"),
+            _row(runs, "sst2-16k-dense", "SST-2 dense fine-tune", acc, None),
+            _row(runs, "sst2-16k-ofa80", "SST-2 Prune OFA 80% transfer (mask locked)", acc,
+                 acc(runs["sst2-16k-dense"]["metrics"]["validation"]) if runs.get("sst2-16k-dense", {}).get("metrics") else None),
+            _row(runs, "sst2-16k-gmp80-kd", "SST-2 GMP 80% + KD during fine-tuning", acc,
+                 acc(runs["sst2-16k-dense"]["metrics"]["validation"]) if runs.get("sst2-16k-dense", {}).get("metrics") else None),
+            _row(runs, "stsb-dense", "STS-B dense fine-tune", stsb, None),
+            _row(runs, "stsb-ofa80", "STS-B Prune OFA 80% transfer (mask locked)", stsb,
+                 stsb(runs["stsb-dense"]["metrics"]["validation"]) if runs.get("stsb-dense", {}).get("metrics") else None),
+            _row(runs, "stsb-gmp80-kd", "STS-B GMP 80% + KD during fine-tuning", stsb,
+                 stsb(runs["stsb-dense"]["metrics"]["validation"]) if runs.get("stsb-dense", {}).get("metrics") else None), "",
+            "Mask identity (`sparsebert sparsity STUDENT --compare-mask TRANSFERRED`, exit 0 = identical): "
+            + ", ".join(f"{t}: {'identical' if s == 'ok' else s}" for t, s in masks.items()) + ".", "",
+            _commands(runs, ["mlm-teacher", "mlm-student80", "sst2-16k-dense", "sst2-16k-ofa80", "sst2-16k-gmp80-kd",
+                             "stsb-dense", "stsb-ofa80", "stsb-gmp80-kd", "mask-sst2-16k", "mask-stsb"])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_prune_ofa", "Prune Once For All on a GPU: MLM teacher/student, sparse transfer",
+                  "\n".join(body))
+
+
+def epoch_curves(tarball: Path) -> dict[str, list[float]]:
+    """Per-run list of ``eval_validation_accuracy`` values logged by ``--eval-each-epoch``."""
+    import tarfile
+
+    curves: dict[str, list[float]] = {}
+    with tarfile.open(tarball) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith("train_log.jsonl"):
+                for line in tar.extractfile(member).read().decode().splitlines():
+                    rec = json.loads(line)
+                    for k, v in rec.items():
+                        if k.startswith("eval_") and k.endswith("_accuracy"):
+                            curves.setdefault(member.name.split("/")[0], []).append(v)
+    return curves
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("summary", type=Path)
+    ap.add_argument("--device", required=True)
+    ap.add_argument("--command", required=True)
+    a = ap.parse_args()
+    tarball = a.summary.parent / "results.tar.gz"
+    report(json.loads(a.summary.read_text()), epoch_curves(tarball) if tarball.exists() else {}, a.device, a.command)

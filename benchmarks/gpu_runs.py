@@ -1,0 +1,247 @@
+"""The accuracy runs of issues 3, 4, 5 and 8 in one go on a single GPU, within a wall-clock budget.
+
+A small GPU trains MiniLM-L6 far faster than 2 CPU cores, but one process of this 22M-parameter
+model leaves most of the GPU idle (each step is launch-bound), so the runs go side by side: every
+``sparsebert train`` whose inputs exist starts at once (a teacher before its students). All runs use
+the public CLI, the shipped recipes and seed 42; each writes its usual output dir. The summary
+(``summary.json``: command, status, wall time and ``metrics.json`` of every run) and a tarball of the
+small files (metrics, logs, recipes) go to ``--out``; ``benchmarks/gpu_report.py`` turns the summary
+into BENCHMARKS.md sections.
+
+Runs (SST-2: full train set unless noted; dev 872):
+  issue 3  sst2-dense (2 ep) -> sst2-gmp80-block4-kd (+ a variant pruning over 3/4 of the run instead of
+           1/2), sst2-gmp90-unstructured-kd; from it, KD from it, epochs fitted to the time left, same for all
+  issue 4  squad-dense (36:12 article split) -> squad-gmp80-block4-kd, squad-gmp90-unstructured-kd
+  issue 5  {gmp, movement, obs} x {90% unstructured, 80% block4}: 16k sentences, 2 epochs, pruning
+           in epoch 1 at update_frequency 0.125, from sst2-dense with KD from it
+  issue 8  mlm-teacher -> mlm-student80 -> sst2/stsb transfer with the mask locked, against a dense
+           fine-tune and GMP 80% + KD from the pre-trained model at the same budget
+
+    python benchmarks/gpu_runs.py --model PATH --work /tmp/gpu_runs --out OUT --budget 560
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_FILES = ("metrics.json", "train_log.jsonl", "recipe.yaml", "article_split.json", "cli.log")
+
+
+@dataclass
+class Job:
+    """One ``sparsebert`` command. ``args`` may be a function of the scheduler (sizes fitted at start)."""
+
+    name: str
+    args: list[str] | Callable[["Scheduler"], list[str] | None]
+    deps: tuple[str, ...] = ()
+    train: bool = True  # a `sparsebert train` run (gets --output-dir); else any sparsebert command
+    status: str = "waiting"  # waiting, running, ok, failed, skipped, killed
+    cmd: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    start: float = 0.0
+    wall: float = 0.0
+
+
+class Scheduler:
+    """Start each job when its dependencies are ``ok``; kill what still runs at the deadline."""
+
+    def __init__(self, jobs: list[Job], work: Path, budget_s: float, max_parallel: int):
+        self.jobs = {j.name: j for j in jobs}
+        self.work = work
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + budget_s
+        self.max_parallel = max_parallel
+
+    def left(self) -> float:
+        """Seconds until the deadline."""
+        return self.deadline - time.monotonic()
+
+    def metrics(self, name: str) -> dict:
+        """The finished run's ``metrics.json``."""
+        return json.loads((self.work / name / "metrics.json").read_text())
+
+    def _launch(self, job: Job) -> None:
+        args = job.args(self) if callable(job.args) else job.args
+        if args is None:
+            job.status = "skipped"
+            print(f"[{time.monotonic() - self.t0:6.0f}s] skip {job.name}: too little time left", flush=True)
+            return
+        out = self.work / job.name
+        out.mkdir(parents=True, exist_ok=True)
+        job.cmd = [sys.executable, "-m", "sparsebert", *args] + (["--output-dir", str(out)] if job.train else [])
+        print(f"[{time.monotonic() - self.t0:6.0f}s] start {job.name}: {shlex.join(job.cmd[2:])}", flush=True)
+        log = (self.work / f"{job.name}.log").open("w")
+        job.proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        job.start = time.monotonic()
+        job.status = "running"
+
+    def run(self) -> None:
+        """Drive all jobs to an end state (ok, failed, skipped, killed)."""
+        while True:
+            for job in self.jobs.values():
+                if job.status == "running" and job.proc.poll() is not None:
+                    job.wall = time.monotonic() - job.start
+                    job.status = "ok" if job.proc.returncode == 0 else "failed"
+                    print(f"[{time.monotonic() - self.t0:6.0f}s] {job.status} {job.name} ({job.wall:.0f}s)", flush=True)
+                    if job.status == "failed":
+                        print((self.work / f"{job.name}.log").read_text()[-3000:], flush=True)
+            for job in self.jobs.values():
+                if job.status != "waiting":
+                    continue
+                dep_states = [self.jobs[d].status for d in job.deps]
+                if any(s in ("failed", "skipped", "killed") for s in dep_states):
+                    job.status = "skipped"
+                elif all(s == "ok" for s in dep_states) and self.running() < self.max_parallel:
+                    self._launch(job)
+            if self.left() <= 0:
+                for job in self.jobs.values():
+                    if job.status == "running":
+                        job.proc.kill()
+                        job.status, job.wall = "killed", time.monotonic() - job.start
+                        print(f"killed {job.name} at the deadline", flush=True)
+                    elif job.status == "waiting":
+                        job.status = "skipped"
+            if all(j.status not in ("waiting", "running") for j in self.jobs.values()):
+                return
+            time.sleep(1.0)
+
+    def running(self) -> int:
+        return sum(j.status == "running" for j in self.jobs.values())
+
+
+def fitted_epochs(s: Scheduler, dense: str, dense_epochs: float, lo: int, hi: int, slowdown: float) -> int | None:
+    """Epochs that fit the time left, from the dense run's measured epoch time x ``slowdown``
+    (KD's teacher forward, mask updates, more runs sharing the GPU); ``None`` below ``lo``."""
+    epoch_s = s.metrics(dense)["train_wall_seconds"] / dense_epochs * slowdown
+    fit = int((s.left() - 60) // epoch_s)
+    print(f"  {dense}: {epoch_s / slowdown:.0f}s/epoch measured, {fit} epochs fit the {s.left():.0f}s left", flush=True)
+    return None if fit < lo else min(fit, hi)
+
+
+def build_jobs(model: str, smoke: bool) -> list[Job]:
+    """The DAG of runs (see the module docstring). ``smoke``: tiny data, to check the plumbing."""
+    few = ["--max-train-samples", "48", "--max-eval-samples", "48"] if smoke else []
+    sub16k = ["--max-train-samples", "48" if smoke else "16000"]
+    glue = lambda task: ["train", "--task", task, "--seed", "42", "--logging-steps", "100"]  # noqa: E731
+    rd = lambda **kw: ["--recipe-args", json.dumps(kw)]  # noqa: E731
+    w = lambda name: f"{{work}}/{name}"  # noqa: E731  (filled in by main)
+    jobs = [
+        # issue 3: full-data teacher, then the two pruned students with as many epochs as fit
+        Job("sst2-dense", glue("sst2") + ["--model", model, "--recipe", "recipes/glue/dense.yaml"] + few),
+        # issue 4
+        Job("squad-dense", ["train", "--task", "squad", "--seed", "42", "--model", model, "--split-by-article", "36:12",
+                            "--recipe", "recipes/squad/dense.yaml"] + few),
+        # issue 8: teacher, student, transfer
+        Job("mlm-teacher", ["train", "--task", "mlm", "--seed", "42", "--model", model,
+                            "--recipe", "recipes/prune_ofa/teacher-mlm.yaml"] + rd(num_epochs=2.0) + few),
+        Job("stsb-dense", glue("stsb") + ["--model", model, "--recipe", "recipes/glue/dense.yaml"] + rd(num_epochs=3.0) + few),
+        Job("sst2-16k-dense", glue("sst2") + ["--model", model, "--recipe", "recipes/glue/dense.yaml"] + sub16k + few[2:]),
+    ]
+    # (prune_frac: the pruning window as a fraction of the run; the recipes' own is 0.5)
+    for kind, recipe, prune_frac in (("gmp80-block4-kd", "gmp80-block4-kd", 0.5),
+                                     ("gmp80-block4-kd-longprune", "gmp80-block4-kd", 0.75),
+                                     ("gmp90-unstructured-kd", "gmp90-unstructured-kd", 0.5)):
+        def args(s: Scheduler, recipe=recipe, prune_frac=prune_frac):
+            n = 1 if smoke else fitted_epochs(s, "sst2-dense", 2.0, lo=2, hi=6, slowdown=2.2)
+            if n is None:
+                return None
+            return glue("sst2") + ["--model", w("sst2-dense"), "--teacher", w("sst2-dense"),
+                                   "--recipe", f"recipes/glue/{recipe}.yaml", "--eval-each-epoch"] + rd(
+                                       num_epochs=float(n), prune_end=n * prune_frac) + few
+        jobs.append(Job(f"sst2-{kind}", args, deps=("sst2-dense",)))
+    for recipe in ("gmp80-block4-kd", "gmp90-unstructured-kd"):
+        jobs.append(Job(f"squad-{recipe}", ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"),
+                                            "--teacher", w("squad-dense"), "--split-by-article", "36:12",
+                                            "--recipe", f"recipes/squad/{recipe}.yaml"] + rd(num_epochs=6.0) + few,
+                        deps=("squad-dense",)))
+    # issue 5: same data, epochs, schedule, KD and seed for every method
+    for method in ("gmp", "movement", "obs"):
+        for target in ("90-unstructured", "80-block4"):
+            extra = {"num_grads": 128} if method == "obs" else {}
+            jobs.append(Job(f"m5-{method}{target}", glue("sst2") + [
+                "--model", w("sst2-dense"), "--teacher", w("sst2-dense"), "--recipe", f"recipes/glue/{method}{target}-kd.yaml"]
+                + rd(num_epochs=2.0, update_frequency=0.125, **extra) + sub16k + few[2:], deps=("sst2-dense",)))
+    # issue 5 diagnostic: movement needs weights that still move; from the pre-trained model instead
+    for method in ("gmp", "movement"):
+        jobs.append(Job(f"m5pt-{method}90-unstructured", glue("sst2") + [
+            "--model", model, "--teacher", w("sst2-dense"), "--recipe", f"recipes/glue/{method}90-unstructured-kd.yaml"]
+            + rd(num_epochs=2.0, update_frequency=0.125) + sub16k + few[2:], deps=("sst2-dense",)))
+    # issue 8: student, transfer (mask locked) vs GMP+KD from the pre-trained model, same budget
+    jobs.append(Job("mlm-student80", ["train", "--task", "mlm", "--seed", "42", "--model", w("mlm-teacher"),
+                                      "--teacher", w("mlm-teacher"), "--recipe", "recipes/prune_ofa/student-gmp80-unstructured.yaml"]
+                    + rd(num_epochs=2.0) + few, deps=("mlm-teacher",)))
+    jobs.append(Job("sst2-16k-ofa80", glue("sst2") + ["--model", w("mlm-student80"), "--teacher", w("sst2-dense"),
+                                                       "--recipe", "recipes/prune_ofa/transfer-glue.yaml"]
+                    + rd(num_epochs=2.0) + sub16k + few[2:], deps=("mlm-student80", "sst2-dense")))
+    jobs.append(Job("sst2-16k-gmp80-kd", glue("sst2") + ["--model", model, "--teacher", w("sst2-dense"),
+                                                          "--recipe", "recipes/glue/gmp80-unstructured-kd.yaml"]
+                    + rd(num_epochs=2.0) + sub16k + few[2:], deps=("sst2-dense",)))
+    jobs.append(Job("stsb-ofa80", glue("stsb") + ["--model", w("mlm-student80"), "--teacher", w("stsb-dense"),
+                                                   "--recipe", "recipes/prune_ofa/transfer-glue.yaml"] + rd(num_epochs=3.0) + few,
+                    deps=("mlm-student80", "stsb-dense")))
+    jobs.append(Job("stsb-gmp80-kd", glue("stsb") + ["--model", model, "--teacher", w("stsb-dense"),
+                                                      "--recipe", "recipes/glue/gmp80-unstructured-kd.yaml"] + rd(num_epochs=3.0) + few,
+                    deps=("stsb-dense",)))
+    for task in ("sst2-16k", "stsb"):
+        jobs.append(Job(f"mask-{task}", ["sparsity", w("mlm-student80"), "--compare-mask", w(f"{task}-ofa80")],
+                        deps=(f"{task}-ofa80",), train=False))
+    return jobs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="pre-trained model folder (the packaged all-MiniLM-L6-v2)")
+    ap.add_argument("--work", type=Path, required=True, help="where the run folders go")
+    ap.add_argument("--out", type=Path, required=True, help="summary.json and results.tar.gz go here")
+    ap.add_argument("--budget", type=float, default=560.0, help="wall-clock seconds for everything")
+    ap.add_argument("--max-parallel", type=int, default=14)
+    ap.add_argument("--only", nargs="*", help="run just these jobs (their dependencies must be listed too)")
+    ap.add_argument("--smoke", action="store_true", help="48 examples per run: check the plumbing")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    jobs = build_jobs(a.model, a.smoke)
+    if a.only:
+        jobs = [j for j in jobs if j.name in a.only]
+    for j in jobs:  # fill the {work} placeholders, also inside fitted-args functions
+        if callable(j.args):
+            f = j.args
+            j.args = lambda s, f=f: None if (r := f(s)) is None else [x.replace("{work}", str(a.work)) for x in r]
+        else:
+            j.args = [x.replace("{work}", str(a.work)) for x in j.args]
+    sched = Scheduler(jobs, a.work, a.budget, a.max_parallel)
+    try:
+        sched.run()
+    finally:
+        summary = {"budget_s": a.budget, "elapsed_s": round(time.monotonic() - sched.t0, 1), "runs": {}}
+        for j in jobs:
+            entry = {"status": j.status, "wall_s": round(j.wall, 1), "cmd": shlex.join(j.cmd[2:]) if j.cmd else None}
+            mpath = a.work / j.name / "metrics.json"
+            if mpath.is_file():
+                entry["metrics"] = json.loads(mpath.read_text())
+            summary["runs"][j.name] = entry
+        (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        with tarfile.open(a.out / "results.tar.gz", "w:gz") as tar:
+            for j in jobs:
+                if (a.work / f"{j.name}.log").is_file():
+                    tar.add(a.work / f"{j.name}.log", arcname=f"{j.name}/cli.log")
+                for fname in SMALL_FILES:
+                    if (a.work / j.name / fname).is_file():
+                        tar.add(a.work / j.name / fname, arcname=f"{j.name}/{fname}")
+        print(json.dumps({k: (v["status"], v.get("metrics", {}).get("validation")) for k, v in summary["runs"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
