@@ -50,7 +50,7 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
     dense = runs.get("sst2-dense", {}).get("metrics")
     ref = acc(dense["validation"]) if dense else None
     body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, batch 32, seed 42. (b)/(c) start from (a) "
-            "and distill from it (hardness 1.0, T 2).", "", head,
+            "and distill from it (hardness 1.0, T 2), 2 epochs, cubic pruning from epoch 0 to `prune_end`.", "", head,
             _row(runs, "sst2-dense", "(a) dense fine-tune", acc, ref),
             _row(runs, "sst2-gmp80-block4-kd", "(b) GMP 80% block4 + KD (prune over 1/2 of the run)", acc, ref),
             _row(runs, "sst2-gmp80-block4-kd-longprune", "(b2) GMP 80% block4 + KD (prune over 3/4 of the run)", acc, ref),
@@ -162,5 +162,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", required=True)
     ap.add_argument("--command", required=True)
     a = ap.parse_args()
-    tarball = a.summary.parent / "results.tar.gz"
-    report(json.loads(a.summary.read_text()), epoch_curves(tarball) if tarball.exists() else {}, a.device, a.command)
+    curves: dict[str, list[float]] = {}
+    for tarball in sorted(a.summary.parent.glob("*.tar.gz")):  # the run folders' small files, per call
+        curves.update(epoch_curves(tarball))
+    report(json.loads(a.summary.read_text()), curves, a.device, a.command)
