@@ -307,28 +307,38 @@ void q8_dequant_generic(const Problem& p, int32_t* yt, int W8, int64_t n0, int64
   }
 }
 
-void item_q8_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int64_t n_end,
-                     uint8_t* xq, int32_t* yt, bool xq_ready) {
-  const int W8 = static_cast<int>((w + 7) / 8) * 8;
-  if (!xq_ready) pack_xq_generic(p, m0, w, W8, xq);
+// The block loop of an INT8 work item, both formats (portable): per block of nb output rows, sum
+// every K chunk's rows into the int32 tile yt[rows][W] with row(e0, e1, out), dequantize (bias
+// added there), run the epilogue, store. int8_blocks_avx2 is its AVX2 twin.
+template <typename RowFn>
+void int8_blocks_generic(const Problem& p, int64_t m0, int64_t w, int W, int64_t n_begin, int64_t n_end,
+                         int32_t* yt, RowFn row) {
   Problem pf = p;
   pf.bias = nullptr;  // added by the dequantization
   for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
     const int64_t nb1 = std::min(n_end, nb0 + p.nb);
-    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W8);
+    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W);
     for (int64_t c = 0; c < p.n_kc; ++c) {
       const int32_t* rp = p.row_ptr + c * p.N;
       const int32_t* ord = p.order + c * p.N;
-      for (int64_t i = nb0; i < nb1; ++i)
-        q8_row_generic(xq, W8, p.col, p.qval, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
+      for (int64_t i = nb0; i < nb1; ++i) row(rp[i], rp[i + 1], yt + (ord[i] - nb0) * W);
     }
-    q8_dequant_generic(p, yt, W8, nb0, nb1 - nb0);
+    q8_dequant_generic(p, yt, W, nb0, nb1 - nb0);
     if (p.act != 0 || p.minmax != nullptr)
-      finish_generic(p, reinterpret_cast<float*>(yt), W8, w, nb0, nb1 - nb0, false);
+      finish_generic(p, reinterpret_cast<float*>(yt), W, w, nb0, nb1 - nb0, false);
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_generic(pf, ytf + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+      store_yt_generic(pf, ytf + (g - nb0) * W, W, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
+}
+
+void item_q8_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int64_t n_end,
+                     uint8_t* xq, int32_t* yt, bool xq_ready) {
+  const int W8 = static_cast<int>((w + 7) / 8) * 8;
+  if (!xq_ready) pack_xq_generic(p, m0, w, W8, xq);
+  int8_blocks_generic(p, m0, w, W8, n_begin, n_end, yt, [&](int64_t e0, int64_t e1, int32_t* out) {
+    q8_row_generic(xq, W8, p.col, p.qval, e0, e1, out);
+  });
 }
 
 // ---- Q8P (portable) ----
@@ -372,25 +382,10 @@ void item_q8p_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, 
                       int16_t* xp, int32_t* yt, bool xp_ready) {
   const int W16 = static_cast<int>((w + 15) / 16) * 16;
   if (!xp_ready) pack_xp_generic(p, m0, w, W16, xp);
-  Problem pf = p;
-  pf.bias = nullptr;  // added by the dequantization
   const int32_t* wpair = reinterpret_cast<const int32_t*>(p.qval);
-  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
-    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
-    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W16);
-    for (int64_t c = 0; c < p.n_kc; ++c) {
-      const int32_t* rp = p.row_ptr + c * p.N;
-      const int32_t* ord = p.order + c * p.N;
-      for (int64_t i = nb0; i < nb1; ++i)
-        q8p_row_generic(xp, W16, p.col, wpair, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W16);
-    }
-    q8_dequant_generic(p, yt, W16, nb0, nb1 - nb0);
-    if (p.act != 0 || p.minmax != nullptr)
-      finish_generic(p, reinterpret_cast<float*>(yt), W16, w, nb0, nb1 - nb0, false);
-    const float* ytf = reinterpret_cast<const float*>(yt);
-    for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_generic(pf, ytf + (g - nb0) * W16, W16, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
-  }
+  int8_blocks_generic(p, m0, w, W16, n_begin, n_end, yt, [&](int64_t e0, int64_t e1, int32_t* out) {
+    q8p_row_generic(xp, W16, p.col, wpair, e0, e1, out);
+  });
 }
 
 // --------------------------------------------------------------------------------------
@@ -760,29 +755,36 @@ SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t n0, 
   }
 }
 
-template <int R>
-SB_AVX2 void q8_rows_avx2(const Problem& p, const uint8_t* xq, int64_t m0, int64_t w,
-                          int64_t n_begin, int64_t n_end, int32_t* yt) {
-  constexpr int W8 = 8 * R;
+// The block loop of an INT8 work item, both formats (AVX2 twin of int8_blocks_generic): X is the
+// packed activation type (uint8 quads / int16 pairs), W the tile width in tokens, Row the hot loop
+// (q8_row_avx2<R> / q8p_row_avx2<R2>), a template argument so that it is inlined.
+template <typename X, int W, void (*Row)(const X*, const int32_t*, const int32_t*, int64_t, int64_t, int32_t*)>
+SB_AVX2 void int8_blocks_avx2(const Problem& p, const X* xa, int64_t m0, int64_t w,
+                              int64_t n_begin, int64_t n_end, int32_t* yt) {
   Problem pf = p;
   pf.bias = nullptr;  // added by the dequantization
   const int32_t* wq = reinterpret_cast<const int32_t*>(p.qval);
   for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
     const int64_t nb1 = std::min(n_end, nb0 + p.nb);
-    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W8);
+    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W);
     for (int64_t c = 0; c < p.n_kc; ++c) {
       const int32_t* rp = p.row_ptr + c * p.N;
       const int32_t* ord = p.order + c * p.N;
-      for (int64_t i = nb0; i < nb1; ++i)
-        q8_row_avx2<R>(xq, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
+      for (int64_t i = nb0; i < nb1; ++i) Row(xa, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W);
     }
-    q8_dequant_avx2(p, yt, W8, nb0, nb1 - nb0);
+    q8_dequant_avx2(p, yt, W, nb0, nb1 - nb0);
     if (p.act != 0 || p.minmax != nullptr)
-      finish_avx2(p, reinterpret_cast<float*>(yt), W8, w, nb0, nb1 - nb0, false);
+      finish_avx2(p, reinterpret_cast<float*>(yt), W, w, nb0, nb1 - nb0, false);
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_avx2(pf, ytf + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+      store_yt_avx2(pf, ytf + (g - nb0) * W, W, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
   }
+}
+
+template <int R>
+SB_AVX2 void q8_rows_avx2(const Problem& p, const uint8_t* xq, int64_t m0, int64_t w,
+                          int64_t n_begin, int64_t n_end, int32_t* yt) {
+  int8_blocks_avx2<uint8_t, 8 * R, q8_row_avx2<R>>(p, xq, m0, w, n_begin, n_end, yt);
 }
 
 SB_AVX2 void item_q8_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_begin,
@@ -882,26 +884,7 @@ SB_AVX2 inline void q8p_row_avx2(const int16_t* __restrict xp, const int32_t* __
 template <int R2>
 SB_AVX2 void q8p_rows_avx2(const Problem& p, const int16_t* xp, int64_t m0, int64_t w,
                            int64_t n_begin, int64_t n_end, int32_t* yt) {
-  constexpr int W16 = 16 * R2;
-  Problem pf = p;
-  pf.bias = nullptr;  // added by the dequantization
-  const int32_t* wpair = reinterpret_cast<const int32_t*>(p.qval);
-  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
-    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
-    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W16);
-    for (int64_t c = 0; c < p.n_kc; ++c) {
-      const int32_t* rp = p.row_ptr + c * p.N;
-      const int32_t* ord = p.order + c * p.N;
-      for (int64_t i = nb0; i < nb1; ++i)
-        q8p_row_avx2<R2>(xp, p.col, wpair, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W16);
-    }
-    q8_dequant_avx2(p, yt, W16, nb0, nb1 - nb0);
-    if (p.act != 0 || p.minmax != nullptr)
-      finish_avx2(p, reinterpret_cast<float*>(yt), W16, w, nb0, nb1 - nb0, false);
-    const float* ytf = reinterpret_cast<const float*>(yt);
-    for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_avx2(pf, ytf + (g - nb0) * W16, W16, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
-  }
+  int8_blocks_avx2<int16_t, 16 * R2, q8p_row_avx2<R2>>(p, xp, m0, w, n_begin, n_end, yt);
 }
 
 SB_AVX2 void item_q8p_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_begin,
