@@ -27,6 +27,12 @@ def _row(runs: dict, name: str, label: str, metric, ref: float | None = None) ->
             f"{m['train_wall_seconds'] / 60:.1f} min |")
 
 
+def _ref(runs: dict, name: str, metric) -> float | None:
+    """``metric`` of run ``name`` (the Δ reference of a table), ``None`` if it did not finish."""
+    m = runs.get(name, {}).get("metrics")
+    return metric(m["validation"]) if m else None
+
+
 def _epoch_curve(work_logs: dict, name: str) -> str:
     curve = work_logs.get(name)
     return ", ".join(f"{100 * a:.2f}" for a in curve) if curve else "n/a"
@@ -47,8 +53,7 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
     where = (f"Device: {device}, all runs of `benchmarks/gpu_runs.py` side by side on it (wall times are "
              f"shared-GPU times). Reproduce: `{command}`. Pre-trained weights: the packaged all-MiniLM-L6-v2, "
              "carried to the GPU machine as FP16 and restored to FP32 (`benchmarks/gpu_carry.py`; `$MINILM` below).")
-    dense = runs.get("sst2-dense", {}).get("metrics")
-    ref = acc(dense["validation"]) if dense else None
+    ref = _ref(runs, "sst2-dense", acc)
     body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, batch 32, seed 42. (b)/(c) start from (a) "
             "and distill from it (hardness 1.0, T 2), 2 epochs, cubic pruning from epoch 0 to `prune_end`.", "", head,
             _row(runs, "sst2-dense", "(a) dense fine-tune", acc, ref),
@@ -61,9 +66,7 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
             _commands(runs, ["sst2-dense", "sst2-gmp80-block4-kd", "sst2-gmp80-block4-kd-longprune", "sst2-gmp90-unstructured-kd"])]
     write_section(ROOT / "BENCHMARKS.md", "gpu_sst2", "SST-2 main job on a GPU: full train set", "\n".join(body))
 
-    f1 = lambda v: v["f1"]  # noqa: E731
-    sq = runs.get("squad-dense", {}).get("metrics")
-    sref = sq["validation"]["f1"] if sq else None
+    sref = _ref(runs, "squad-dense", lambda v: v["f1"])
     rows = []
     for name, label in (("squad-dense", "(a) dense fine-tune"), ("squad-gmp80-block4-kd", "(b) GMP 80% block4 + KD"),
                         ("squad-gmp90-unstructured-kd", "(c) GMP 90% unstructured + KD")):
@@ -124,14 +127,14 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
             head.replace("| dev |", "| dev (SST-2 acc. / STS-B Pearson) |"),
             _row(runs, "sst2-16k-dense", "SST-2 dense fine-tune", acc, None),
             _row(runs, "sst2-16k-ofa80", "SST-2 Prune OFA 80% transfer (mask locked)", acc,
-                 acc(runs["sst2-16k-dense"]["metrics"]["validation"]) if runs.get("sst2-16k-dense", {}).get("metrics") else None),
+                 _ref(runs, "sst2-16k-dense", acc)),
             _row(runs, "sst2-16k-gmp80-kd", "SST-2 GMP 80% + KD during fine-tuning", acc,
-                 acc(runs["sst2-16k-dense"]["metrics"]["validation"]) if runs.get("sst2-16k-dense", {}).get("metrics") else None),
+                 _ref(runs, "sst2-16k-dense", acc)),
             _row(runs, "stsb-dense", "STS-B dense fine-tune", stsb, None),
             _row(runs, "stsb-ofa80", "STS-B Prune OFA 80% transfer (mask locked)", stsb,
-                 stsb(runs["stsb-dense"]["metrics"]["validation"]) if runs.get("stsb-dense", {}).get("metrics") else None),
+                 _ref(runs, "stsb-dense", stsb)),
             _row(runs, "stsb-gmp80-kd", "STS-B GMP 80% + KD during fine-tuning", stsb,
-                 stsb(runs["stsb-dense"]["metrics"]["validation"]) if runs.get("stsb-dense", {}).get("metrics") else None), "",
+                 _ref(runs, "stsb-dense", stsb)), "",
             "Mask identity (`sparsebert sparsity STUDENT --compare-mask TRANSFERRED`, exit 0 = identical): "
             + ", ".join(f"{t}: {'identical' if s == 'ok' else s}" for t, s in masks.items()) + ".", "",
             _commands(runs, ["mlm-teacher", "mlm-student80", "sst2-16k-dense", "sst2-16k-ofa80", "sst2-16k-gmp80-kd",

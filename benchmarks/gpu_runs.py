@@ -130,13 +130,14 @@ def fitted_epochs(s: Scheduler, dense: str, dense_epochs: float, lo: int, hi: in
     return None if fit < lo else min(fit, hi)
 
 
-def build_jobs(model: str, smoke: bool) -> list[Job]:
-    """The DAG of runs (see the module docstring). ``smoke``: tiny data, to check the plumbing."""
+def build_jobs(model: str, work: Path, smoke: bool) -> list[Job]:
+    """The DAG of runs (see the module docstring); run folders under ``work``. ``smoke``: tiny data,
+    to check the plumbing."""
     few = ["--max-train-samples", "48", "--max-eval-samples", "48"] if smoke else []
     sub16k = ["--max-train-samples", "48" if smoke else "16000"]
     glue = lambda task: ["train", "--task", task, "--seed", "42", "--logging-steps", "100"]  # noqa: E731
     rd = lambda **kw: ["--recipe-args", json.dumps(kw)]  # noqa: E731
-    w = lambda name: f"{{work}}/{name}"  # noqa: E731  (filled in by main)
+    w = lambda name: str(work / name)  # noqa: E731
     jobs = [
         # issue 3: full-data teacher, then the two pruned students with as many epochs as fit
         Job("sst2-dense", glue("sst2") + ["--model", model, "--recipe", "recipes/glue/dense.yaml"] + few),
@@ -214,15 +215,9 @@ def main() -> None:
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    jobs = build_jobs(a.model, a.smoke)
+    jobs = build_jobs(a.model, a.work, a.smoke)
     if a.only:
         jobs = [j for j in jobs if j.name in a.only]
-    for j in jobs:  # fill the {work} placeholders, also inside fitted-args functions
-        if callable(j.args):
-            f = j.args
-            j.args = lambda s, f=f: None if (r := f(s)) is None else [x.replace("{work}", str(a.work)) for x in r]
-        else:
-            j.args = [x.replace("{work}", str(a.work)) for x in j.args]
     sched = Scheduler(jobs, a.work, a.budget, a.max_parallel)
     try:
         sched.run()
