@@ -85,6 +85,8 @@ def apply_epilogue(y: torch.Tensor, act: str | None, minmax: torch.Tensor | None
         else:
             minmax.copy_(torch.tensor([float("inf"), float("-inf")]))
     return y
+
+
 _PATTERNS = ("auto", "unstructured", "block4", "dense")
 
 
