@@ -46,7 +46,7 @@ needs_kernels = pytest.mark.skipif(
 @needs_kernels
 def test_kernels_build_and_dispatch():
     assert kernels_available(), kernels_pkg.build_error()
-    assert kernel_isa() in ("avx2_fma", "generic")
+    assert kernel_isa() in ("avx512f", "avx2_fma", "generic")
 
 
 SHAPES = [  # (M, K, N): none a multiple of 8/32 except where noted
@@ -213,3 +213,25 @@ def test_feature_major_forward_t(pattern, m):
     _assert_matches(out, _reference(x, w, b).t())
     with pytest.raises(ValueError, match=r"\[45, M\]"):
         lin.forward_t(x)
+
+
+@needs_kernels
+def test_avx2_path_when_avx512_is_switched_off():
+    """SPARSEBERT_NO_AVX512=1 keeps the AVX2 hot loop; on an AVX-512 CPU this checks that other path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from sparsebert.engine import SparseLinear, kernel_isa\n"
+        "torch.manual_seed(0)\n"
+        "for pattern in ('unstructured', 'block4'):\n"
+        "    for m in (1, 16, 64, 130):\n"
+        "        w = torch.randn(70, 96) * (torch.rand(70, 96) > 0.8); b = torch.randn(70); x = torch.randn(m, 96)\n"
+        "        y = SparseLinear.from_dense(w, b, pattern=pattern, num_threads=2)(x)\n"
+        "        torch.testing.assert_close(y, (x.double() @ w.double().T + b.double()).float(), rtol=1e-4, atol=1e-3)\n"
+        "print(kernel_isa())\n"
+    )
+    env = dict(os.environ, SPARSEBERT_NO_AVX512="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] in ("avx2_fma", "generic")

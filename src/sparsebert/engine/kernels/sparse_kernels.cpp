@@ -78,6 +78,7 @@
 #define SB_X86 1
 #include <immintrin.h>
 #define SB_AVX2 __attribute__((target("avx2,fma")))
+#define SB_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #else
 #define SB_X86 0
 #endif
@@ -93,6 +94,18 @@ enum class Format { CSR, BLOCK4, Q8, Q8P };
 bool cpu_has_avx2_fma() {
 #if SB_X86
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// AVX-512F: the FP32 hot loop on 16-token registers (half the loads and FMAs per nonzero).
+// SPARSEBERT_NO_AVX512=1 keeps the AVX2 loop (A/B measurements, tests of both paths).
+bool cpu_has_avx512() {
+#if SB_X86
+  static const bool ok = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") && !std::getenv("SPARSEBERT_NO_AVX512");
   return ok;
 #else
   return false;
@@ -139,6 +152,7 @@ struct Problem {
   // Epilogue (all formats): activation applied to y (after bias), and the range of y.
   int act = 0;                // 0 none, 1 GELU (erf), 2 GELU (tanh approximation), 3 ReLU
   float* minmax = nullptr;    // if set: receives min(y), max(y)
+  bool avx512 = false;        // FP32: run the hot loop on 512-bit registers (tiles of 16k tokens)
 };
 
 // Range of the outputs a thread stored (reduced over threads at the end of run()).
@@ -610,34 +624,94 @@ SB_AVX2 void finish_avx2(const Problem& p, float* yt, int W, int64_t w, int64_t 
   }
 }
 
-// Output rows [n_begin, n_end) of one M tile, block by block (see the header comment).
-template <Format F, int R>
-SB_AVX2 void rows_avx2(const Problem& p, const float* xt, int64_t m0, int64_t w,
-                       int64_t n_begin, int64_t n_end, float* yt) {
-  constexpr int W8 = 8 * R;
-  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
-    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
-    std::memset(yt, 0, sizeof(float) * (nb1 - nb0) * W8);
-    for (int64_t c = 0; c < p.n_kc; ++c) {
-      const int32_t* rp = p.row_ptr + c * p.N;
-      const int32_t* ord = p.order + c * p.N;
-      for (int64_t i = nb0; i < nb1; ++i)
-        sparse_row_fma_avx2<F, R>(xt, p.col, p.val, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
+// AVX-512 version of the hot loop: the same XT/YT layout, 16 tokens a register.
+template <Format F, int R16>
+SB_AVX512 inline void sparse_row_fma_avx512(const float* __restrict xt,
+                                            const int32_t* __restrict col,
+                                            const float* __restrict val, int64_t e0, int64_t e1,
+                                            float* __restrict out) {
+  constexpr int W8 = 16 * R16;
+  if (e0 == e1) return;
+  __m512 acc[R16];
+#pragma GCC unroll 4
+  for (int r = 0; r < R16; ++r) acc[r] = _mm512_load_ps(out + 16 * r);
+  int64_t e = e0;
+  if (F == Format::CSR) {
+    for (; e + 4 <= e1; e += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m512 w = _mm512_set1_ps(val[e + u]);
+        const float* xr = xt + static_cast<int64_t>(col[e + u]) * W8;
+#pragma GCC unroll 4
+        for (int r = 0; r < R16; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + 16 * r), acc[r]);
+      }
     }
-    const bool fin = p.act != 0 || p.minmax != nullptr;
-    if (fin) finish_avx2(p, yt, W8, w, nb0, nb1 - nb0, true);
-    Problem pf = p;
-    if (fin) pf.bias = nullptr;  // added by the epilogue
-    for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_avx2(pf, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+    for (; e < e1; ++e) {
+      const __m512 w = _mm512_set1_ps(val[e]);
+      const float* xr = xt + static_cast<int64_t>(col[e]) * W8;
+#pragma GCC unroll 4
+      for (int r = 0; r < R16; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + 16 * r), acc[r]);
+    }
+  } else {
+    for (; e < e1; ++e) {
+      const float* wv = val + 4 * e;
+      const float* xr = xt + static_cast<int64_t>(col[e]) * W8;
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const __m512 w = _mm512_set1_ps(wv[q]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R16; ++r)
+          acc[r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + q * W8 + 16 * r), acc[r]);
+      }
+    }
   }
+#pragma GCC unroll 4
+  for (int r = 0; r < R16; ++r) _mm512_store_ps(out + 16 * r, acc[r]);
 }
+
+// Output rows [n_begin, n_end) of one M tile, block by block (see the header comment). Defined
+// once per hot loop (AVX2: R registers of 8 tokens; AVX-512: R/2 of 16), so the loop inlines.
+#define SB_ROWS(ATTR, SUFFIX, ROW_FMA)                                                           \
+  template <Format F, int R>                                                                    \
+  ATTR void rows_##SUFFIX(const Problem& p, const float* xt, int64_t m0, int64_t w,             \
+                          int64_t n_begin, int64_t n_end, float* yt) {                          \
+    constexpr int W8 = 8 * R;                                                                   \
+    for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {                                     \
+      const int64_t nb1 = std::min(n_end, nb0 + p.nb);                                          \
+      std::memset(yt, 0, sizeof(float) * (nb1 - nb0) * W8);                                    \
+      for (int64_t c = 0; c < p.n_kc; ++c) {                                                    \
+        const int32_t* rp = p.row_ptr + c * p.N;                                                \
+        const int32_t* ord = p.order + c * p.N;                                                 \
+        for (int64_t i = nb0; i < nb1; ++i)                                                     \
+          ROW_FMA(xt, p.col, p.val, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);                \
+      }                                                                                         \
+      const bool fin = p.act != 0 || p.minmax != nullptr;                                       \
+      if (fin) finish_avx2(p, yt, W8, w, nb0, nb1 - nb0, true);                                 \
+      Problem pf = p;                                                                           \
+      if (fin) pf.bias = nullptr; /* added by the epilogue */                                   \
+      for (int64_t g = nb0; g < nb1; g += kGroup)                                               \
+        store_yt_avx2(pf, yt + (g - nb0) * W8, W8, m0, w, g, std::min<int64_t>(kGroup, nb1 - g)); \
+    }                                                                                           \
+  }
+
+#define SB_FMA_AVX2 sparse_row_fma_avx2<F, R>
+#define SB_FMA_AVX512 sparse_row_fma_avx512<F, R / 2>
+SB_ROWS(SB_AVX2, avx2, SB_FMA_AVX2)
+SB_ROWS(SB_AVX512, avx512, SB_FMA_AVX512)
 
 template <Format F>
 SB_AVX2 void item_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_begin,
                        int64_t n_end, float* xt, float* yt, bool xt_ready) {
   const int R = static_cast<int>((w + 7) / 8);
   if (!xt_ready) pack_xt_avx2(p, m0, w, 8 * R, xt);
+  if (p.avx512 && R % 2 == 0) {  // even R: the tile is whole 16-token registers
+    switch (R) {
+      case 2: return rows_avx512<F, 2>(p, xt, m0, w, n_begin, n_end, yt);
+      case 4: return rows_avx512<F, 4>(p, xt, m0, w, n_begin, n_end, yt);
+      case 6: return rows_avx512<F, 6>(p, xt, m0, w, n_begin, n_end, yt);
+      default: return rows_avx512<F, 8>(p, xt, m0, w, n_begin, n_end, yt);
+    }
+  }
   switch (R) {
     case 1: rows_avx2<F, 1>(p, xt, m0, w, n_begin, n_end, yt); break;
     case 2: rows_avx2<F, 2>(p, xt, m0, w, n_begin, n_end, yt); break;
@@ -1077,6 +1151,7 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
   if (p.M == 0 || N == 0) return y;
   p.val = val.data_ptr<float>();
   const bool avx2 = cpu_has_avx2_fma() && !force_generic;
+  p.avx512 = avx2 && cpu_has_avx512();
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (fmt == 0)
     run<Format::CSR>(p, threads, static_cast<int>(tile_w), avx2);
@@ -1121,7 +1196,7 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   return y;
 }
 
-std::string isa() { return cpu_has_avx2_fma() ? "avx2_fma" : "generic"; }
+std::string isa() { return cpu_has_avx512() ? "avx512f" : cpu_has_avx2_fma() ? "avx2_fma" : "generic"; }
 
 int last_num_threads() { return g_last_threads.load(std::memory_order_relaxed); }
 
