@@ -204,6 +204,33 @@ def build_jobs(model: str, work: Path, smoke: bool) -> list[Job]:
         jobs.append(Job(f"mask-{task}", ["sparsity", w("mlm-student80"), "--compare-mask", w(f"{task}-ofa80")],
                         deps=(f"{task}-ofa80",), train=False))
     jobs += long_jobs(w, few, smoke)
+    jobs += b128_jobs(model, w, few, smoke)
+    return jobs
+
+
+def b128_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) -> list[Job]:
+    """Session 4, second call (issue 3): SST-2 at batch 128. The first call showed a MiniLM step is
+    launch-bound on the H200 (~38 ms at batch 32, bf16 or not: 80 s an epoch), so 4x the batch costs
+    about the same per step and gives 4x the epochs. Teacher: dense at batch 128 (3 epochs); students
+    from it with KD, epochs fitted to the time left: the shipped GMP 80% block4 recipe, the same with
+    twice the LR (fewer, larger steps), oBERT in the same shape, GMP 90% (c)."""
+    b128 = ["--batch-size", "128"]
+    glue = ["train", "--task", "sst2", "--seed", "42", "--logging-steps", "50", "--eval-each-epoch"] + b128
+    jobs = [Job("sst2b128-dense", glue + ["--model", model, "--recipe", "recipes/glue/dense.yaml",
+                                          "--recipe-args", json.dumps({"num_epochs": 3.0})] + few)]
+    for kind, recipe, extra in (("gmp80-block4-kd", "gmp80-block4-kd", {}), ("gmp80-block4-kd-lr2e-4", "gmp80-block4-kd", {"init_lr": 2e-4}),
+                                ("obs80-block4-kd", "obs80-block4-kd", {"num_grads": 64}), ("gmp90-unstructured-kd", "gmp90-unstructured-kd", {})):
+        def args(s: Scheduler, recipe=recipe, extra=extra):
+            obs = recipe.startswith("obs")
+            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=2, hi=20, slowdown=1.8, extra_s=120.0 if obs else 0.0)
+            if n is None:
+                return None
+            kw = dict(num_epochs=float(n), prune_end=n * 0.5, **extra)
+            if obs:
+                kw["update_frequency"] = round(max(0.25, n * 0.5 / 12), 3)
+            return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe", f"recipes/glue/{recipe}.yaml",
+                           "--recipe-args", json.dumps(kw)] + few
+        jobs.append(Job(f"sst2b128-{kind}", args, deps=("sst2b128-dense",)))
     return jobs
 
 

@@ -22,6 +22,8 @@ SHAPES = [  # (M, K, N): odd sizes, not multiples of the SIMD width (8 floats / 
     (67, 100, 70),
     (130, 98, 64),  # two full 64-token tiles + a ragged tail; K not a multiple of 4
     (64, 517, 136),  # several K chunks
+    (32, 70, 33),  # tiles of 2 / 4 registers (the VNNI loops where the CPU has them)
+    (48, 70, 33),  # 3 / 6 registers
 ]
 
 

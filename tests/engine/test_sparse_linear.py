@@ -46,7 +46,7 @@ needs_kernels = pytest.mark.skipif(
 @needs_kernels
 def test_kernels_build_and_dispatch():
     assert kernels_available(), kernels_pkg.build_error()
-    assert kernel_isa() in ("avx512f", "avx2_fma", "generic")
+    assert kernel_isa() in ("avx512_vnni", "avx512f", "avx2_fma", "generic")
 
 
 SHAPES = [  # (M, K, N): none a multiple of 8/32 except where noted
@@ -217,7 +217,7 @@ def test_feature_major_forward_t(pattern, m):
 
 @needs_kernels
 def test_avx2_path_when_avx512_is_switched_off():
-    """SPARSEBERT_NO_AVX512=1 keeps the AVX2 hot loop; on an AVX-512 CPU this checks that other path."""
+    """SPARSEBERT_NO_AVX512=1 keeps the AVX2 hot loops (FP32 and INT8); on an AVX-512 CPU this checks that path."""
     import subprocess
     import sys
 
@@ -229,6 +229,12 @@ def test_avx2_path_when_avx512_is_switched_off():
         "        w = torch.randn(70, 96) * (torch.rand(70, 96) > 0.8); b = torch.randn(70); x = torch.randn(m, 96)\n"
         "        y = SparseLinear.from_dense(w, b, pattern=pattern, num_threads=2)(x)\n"
         "        torch.testing.assert_close(y, (x.double() @ w.double().T + b.double()).float(), rtol=1e-4, atol=1e-3)\n"
+        "from sparsebert.engine.quantized_linear import SparseLinearInt8, reference_int8_linear\n"
+        "for layout in ('quads', 'pairs'):\n"
+        "    for m in (16, 32, 64, 130):\n"
+        "        w = torch.randn(70, 96) * (torch.rand(70, 96) > 0.8); b = torch.randn(70); x = torch.randn(m, 96)\n"
+        "        y = SparseLinearInt8.from_dense(w, b, num_threads=2, layout=layout)(x)\n"
+        "        torch.testing.assert_close(y, reference_int8_linear(x, w, b), rtol=1e-5, atol=1e-4)\n"
         "print(kernel_isa())\n"
     )
     env = dict(os.environ, SPARSEBERT_NO_AVX512="1")

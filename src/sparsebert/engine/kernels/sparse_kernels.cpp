@@ -79,6 +79,7 @@
 #include <immintrin.h>
 #define SB_AVX2 __attribute__((target("avx2,fma")))
 #define SB_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define SB_VNNI __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma")))
 #else
 #define SB_X86 0
 #endif
@@ -106,6 +107,17 @@ bool cpu_has_avx512() {
 #if SB_X86
   static const bool ok = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512vl") && !std::getenv("SPARSEBERT_NO_AVX512");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// AVX-512 VNNI: the INT8 hot loops with one vpdpbusd / vpdpwssd per 16 tokens (same results).
+bool cpu_has_vnni() {
+#if SB_X86
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vnni");
   return ok;
 #else
   return false;
@@ -153,6 +165,7 @@ struct Problem {
   int act = 0;                // 0 none, 1 GELU (erf), 2 GELU (tanh approximation), 3 ReLU
   float* minmax = nullptr;    // if set: receives min(y), max(y)
   bool avx512 = false;        // FP32: run the hot loop on 512-bit registers (tiles of 16k tokens)
+  bool vnni = false;          // INT8: run the hot loops with AVX-512 VNNI (tiles of 16k / 32k tokens)
 };
 
 // Range of the outputs a thread stored (reduced over threads at the end of run()).
@@ -832,27 +845,61 @@ SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t n0, 
 // The block loop of an INT8 work item, both formats (AVX2 twin of int8_blocks_generic): X is the
 // packed activation type (uint8 quads / int16 pairs), W the tile width in tokens, Row the hot loop
 // (q8_row_avx2<R> / q8p_row_avx2<R2>), a template argument so that it is inlined.
-template <typename X, int W, void (*Row)(const X*, const int32_t*, const int32_t*, int64_t, int64_t, int32_t*)>
-SB_AVX2 void int8_blocks_avx2(const Problem& p, const X* xa, int64_t m0, int64_t w,
-                              int64_t n_begin, int64_t n_end, int32_t* yt) {
-  Problem pf = p;
-  pf.bias = nullptr;  // added by the dequantization
-  const int32_t* wq = reinterpret_cast<const int32_t*>(p.qval);
-  for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
-    const int64_t nb1 = std::min(n_end, nb0 + p.nb);
-    std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W);
-    for (int64_t c = 0; c < p.n_kc; ++c) {
-      const int32_t* rp = p.row_ptr + c * p.N;
-      const int32_t* ord = p.order + c * p.N;
-      for (int64_t i = nb0; i < nb1; ++i) Row(xa, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W);
-    }
-    q8_dequant_avx2(p, yt, W, nb0, nb1 - nb0);
-    if (p.act != 0 || p.minmax != nullptr)
-      finish_avx2(p, reinterpret_cast<float*>(yt), W, w, nb0, nb1 - nb0, false);
-    const float* ytf = reinterpret_cast<const float*>(yt);
-    for (int64_t g = nb0; g < nb1; g += kGroup)
-      store_yt_avx2(pf, ytf + (g - nb0) * W, W, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
+#define SB_INT8_BLOCKS(ATTR, SUFFIX)                                                                        \
+  template <typename X, int W, void (*Row)(const X*, const int32_t*, const int32_t*, int64_t, int64_t, int32_t*)> \
+  ATTR void int8_blocks_##SUFFIX(const Problem& p, const X* xa, int64_t m0, int64_t w,                    \
+                                 int64_t n_begin, int64_t n_end, int32_t* yt) {                           \
+    Problem pf = p;                                                                                       \
+    pf.bias = nullptr; /* added by the dequantization */                                                  \
+    const int32_t* wq = reinterpret_cast<const int32_t*>(p.qval);                                         \
+    for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {                                               \
+      const int64_t nb1 = std::min(n_end, nb0 + p.nb);                                                    \
+      std::memset(yt, 0, sizeof(int32_t) * (nb1 - nb0) * W);                                             \
+      for (int64_t c = 0; c < p.n_kc; ++c) {                                                              \
+        const int32_t* rp = p.row_ptr + c * p.N;                                                          \
+        const int32_t* ord = p.order + c * p.N;                                                           \
+        for (int64_t i = nb0; i < nb1; ++i) Row(xa, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W); \
+      }                                                                                                   \
+      q8_dequant_avx2(p, yt, W, nb0, nb1 - nb0);                                                          \
+      if (p.act != 0 || p.minmax != nullptr)                                                              \
+        finish_avx2(p, reinterpret_cast<float*>(yt), W, w, nb0, nb1 - nb0, false);                        \
+      const float* ytf = reinterpret_cast<const float*>(yt);                                              \
+      for (int64_t g = nb0; g < nb1; g += kGroup)                                                         \
+        store_yt_avx2(pf, ytf + (g - nb0) * W, W, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));          \
+    }                                                                                                     \
   }
+
+// The block loop of an INT8 work item, both formats (AVX2 twin of int8_blocks_generic): X is the
+// packed activation type (uint8 quads / int16 pairs), W the tile width in tokens, Row the hot loop
+// (q8_row_*<R> / q8p_row_*<R2>), a template argument so that it is inlined; defined once per ISA.
+SB_INT8_BLOCKS(SB_AVX2, avx2)
+SB_INT8_BLOCKS(SB_VNNI, vnni)
+
+// VNNI quads: 16 tokens' quads are 64 contiguous bytes; vpdpbusd = maddubs + madd + add, without the
+// int16 intermediate (7-bit activations never saturated it, so the sums are the same).
+template <int R16>
+SB_VNNI inline void q8_row_vnni(const uint8_t* __restrict xq, const int32_t* __restrict col,
+                                const int32_t* __restrict wq, int64_t e0, int64_t e1, int32_t* __restrict out) {
+  constexpr int W = 16 * R16;
+  if (e0 == e1) return;
+  __m512i acc[R16];
+#pragma GCC unroll 4
+  for (int r = 0; r < R16; ++r) acc[r] = _mm512_load_si512(out + 16 * r);
+#pragma GCC unroll 2
+  for (int64_t e = e0; e < e1; ++e) {
+    const __m512i w = _mm512_set1_epi32(wq[e]);
+    const uint8_t* xr = xq + static_cast<int64_t>(col[e]) * W;
+#pragma GCC unroll 4
+    for (int r = 0; r < R16; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_load_si512(xr + 64 * r), w);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R16; ++r) _mm512_store_si512(out + 16 * r, acc[r]);
+}
+
+template <int R>
+SB_VNNI void q8_rows_vnni(const Problem& p, const uint8_t* xq, int64_t m0, int64_t w,
+                          int64_t n_begin, int64_t n_end, int32_t* yt) {
+  int8_blocks_vnni<uint8_t, 8 * R, q8_row_vnni<R / 2>>(p, xq, m0, w, n_begin, n_end, yt);
 }
 
 template <int R>
@@ -865,6 +912,14 @@ SB_AVX2 void item_q8_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_beg
                           int64_t n_end, uint8_t* xq, int32_t* yt, bool xq_ready) {
   const int R = static_cast<int>((w + 7) / 8);
   if (!xq_ready) pack_xq_avx2(p, m0, w, 8 * R, xq);
+  if (p.vnni && R % 2 == 0) {
+    switch (R) {
+      case 2: return q8_rows_vnni<2>(p, xq, m0, w, n_begin, n_end, yt);
+      case 4: return q8_rows_vnni<4>(p, xq, m0, w, n_begin, n_end, yt);
+      case 6: return q8_rows_vnni<6>(p, xq, m0, w, n_begin, n_end, yt);
+      default: return q8_rows_vnni<8>(p, xq, m0, w, n_begin, n_end, yt);
+    }
+  }
   switch (R) {
     case 1: q8_rows_avx2<1>(p, xq, m0, w, n_begin, n_end, yt); break;
     case 2: q8_rows_avx2<2>(p, xq, m0, w, n_begin, n_end, yt); break;
@@ -955,6 +1010,53 @@ SB_AVX2 inline void q8p_row_avx2(const int16_t* __restrict xp, const int32_t* __
   for (int r = 0; r < 2 * R2; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8 * r), acc[r]);
 }
 
+// VNNI pairs: one zmm holds two 16-token groups, and the lane-wise unpacks give the AVX2 loop's
+// accumulators of both side by side (acc[2g] | acc[2g+2] and acc[2g+1] | acc[2g+3]); vpdpwssd fuses
+// its madd + add.
+SB_VNNI inline __m512i load2_vnni(const int32_t* a, const int32_t* b) {  // two aligned 8-int32 halves
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(a))),
+                            _mm256_load_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+template <int R2>
+SB_VNNI inline void q8p_row_vnni(const int16_t* __restrict xp, const int32_t* __restrict col,
+                                 const int32_t* __restrict wpair, int64_t e0, int64_t e1,
+                                 int32_t* __restrict out) {
+  constexpr int W16 = 16 * R2, Z = R2 / 2;
+  if (e0 == e1) return;
+  __m512i lo[Z], hi[Z];
+#pragma GCC unroll 2
+  for (int z = 0; z < Z; ++z) {
+    lo[z] = load2_vnni(out + 32 * z, out + 32 * z + 16);
+    hi[z] = load2_vnni(out + 32 * z + 8, out + 32 * z + 24);
+  }
+#pragma GCC unroll 2
+  for (int64_t e = e0; e < e1; ++e) {
+    const __m512i w = _mm512_set1_epi32(wpair[e]);
+    const int16_t* xa = xp + static_cast<int64_t>(col[2 * e]) * W16;
+    const int16_t* xb = xp + static_cast<int64_t>(col[2 * e + 1]) * W16;
+#pragma GCC unroll 2
+    for (int z = 0; z < Z; ++z) {
+      const __m512i a = _mm512_load_si512(xa + 32 * z), b = _mm512_load_si512(xb + 32 * z);
+      lo[z] = _mm512_dpwssd_epi32(lo[z], _mm512_unpacklo_epi16(a, b), w);
+      hi[z] = _mm512_dpwssd_epi32(hi[z], _mm512_unpackhi_epi16(a, b), w);
+    }
+  }
+#pragma GCC unroll 2
+  for (int z = 0; z < Z; ++z) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z), _mm512_castsi512_si256(lo[z]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z + 16), _mm512_extracti64x4_epi64(lo[z], 1));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z + 8), _mm512_castsi512_si256(hi[z]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z + 24), _mm512_extracti64x4_epi64(hi[z], 1));
+  }
+}
+
+template <int R2>
+SB_VNNI void q8p_rows_vnni(const Problem& p, const int16_t* xp, int64_t m0, int64_t w,
+                           int64_t n_begin, int64_t n_end, int32_t* yt) {
+  int8_blocks_vnni<int16_t, 16 * R2, q8p_row_vnni<R2>>(p, xp, m0, w, n_begin, n_end, yt);
+}
+
 template <int R2>
 SB_AVX2 void q8p_rows_avx2(const Problem& p, const int16_t* xp, int64_t m0, int64_t w,
                            int64_t n_begin, int64_t n_end, int32_t* yt) {
@@ -965,6 +1067,8 @@ SB_AVX2 void item_q8p_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_be
                            int64_t n_end, int16_t* xp, int32_t* yt, bool xp_ready) {
   const int R2 = static_cast<int>((w + 15) / 16);
   if (!xp_ready) pack_xp_avx2(p, m0, w, 16 * R2, xp);
+  if (p.vnni && R2 % 2 == 0) return R2 == 2 ? q8p_rows_vnni<2>(p, xp, m0, w, n_begin, n_end, yt)
+                                            : q8p_rows_vnni<4>(p, xp, m0, w, n_begin, n_end, yt);
   switch (R2) {
     case 1: q8p_rows_avx2<1>(p, xp, m0, w, n_begin, n_end, yt); break;
     case 2: q8p_rows_avx2<2>(p, xp, m0, w, n_begin, n_end, yt); break;
@@ -1188,6 +1292,7 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   p.x_inv_scale = 1.0f / static_cast<float>(x_scale);
   p.x_zp = static_cast<int32_t>(x_zero_point);
   const bool avx2 = cpu_has_avx2_fma() && !force_generic;
+  p.vnni = avx2 && cpu_has_vnni();
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (pairs)
     run<Format::Q8P>(p, threads, static_cast<int>(tile_w), avx2);
@@ -1196,7 +1301,9 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   return y;
 }
 
-std::string isa() { return cpu_has_avx512() ? "avx512f" : cpu_has_avx2_fma() ? "avx2_fma" : "generic"; }
+std::string isa() {
+  return cpu_has_vnni() ? "avx512_vnni" : cpu_has_avx512() ? "avx512f" : cpu_has_avx2_fma() ? "avx2_fma" : "generic";
+}
 
 int last_num_threads() { return g_last_threads.load(std::memory_order_relaxed); }
 
