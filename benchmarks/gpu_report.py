@@ -1,6 +1,7 @@
 """Write the results of ``benchmarks/gpu_runs.py`` (its ``summary.json``) into BENCHMARKS.md.
 
     python benchmarks/gpu_report.py SUMMARY_JSON --device "one NVIDIA H200" --command "bash benchmarks/gpu_session.sh ..."
+    python benchmarks/gpu_report.py CALL1/summary.json CALL2/summary.json --long --device ... --command C1 --command C2
 """
 
 from __future__ import annotations
@@ -143,6 +144,49 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
                   "\n".join(body))
 
 
+def report_long(runs: dict, curves: dict, device: str, commands: list[str]) -> None:
+    """Write the session-4 sections (issues 3 and 4 with longer GPU budgets): ``gpu_sst2_long``, ``gpu_squad_long``."""
+    acc = lambda v: 100 * v["accuracy"]  # noqa: E731
+    where = (f"Device: {device}; runs of `benchmarks/gpu_runs.py` side by side on it, bf16 mixed precision (`--bf16`). "
+             "Reproduce: " + "; ".join(f"`{c}`" for c in commands) + ". Pre-trained weights: the packaged all-MiniLM-L6-v2 "
+             "(FP16 round trip, `benchmarks/gpu_carry.py`; `$MINILM` below).")
+    ref = _ref(runs, "sst2b128-dense", acc)
+    names = ["sst2b128-dense", "sst2b128-gmp80-block4-kd", "sst2b128-gmp80-block4-kd-lr2e-4", "sst2b128-obs80-block4-kd",
+             "sst2b128-gmp90-unstructured-kd"]
+    labels = ["(a) dense fine-tune", "(b) GMP 80% block4 + KD (shipped recipe)", "(b, LR 2e-4) GMP 80% block4 + KD, init_lr 2e-4",
+              "(b, oBERT) oBERT 80% block4 + KD, same schedule", "(c) GMP 90% unstructured + KD"]
+    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
+            "|---|---|---|---|---|---|")
+    body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, **batch 128** (a MiniLM step is launch-bound "
+            "on the GPU: 4x the batch costs about the same per step, so 4x the epochs fit), seed 42. Students start from (a) "
+            "and distill from it (hardness 1.0, T 2); cubic pruning over the first half of the run, then recovery; epochs "
+            "fitted to the time left.", "", head, *(_row(runs, n, lab, acc, ref) for n, lab in zip(names, labels)), "",
+            "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n in names[1:]), "",
+            _commands(runs, names)]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_sst2_long", "SST-2 main job on a GPU: batch 128, longer schedules", "\n".join(body))
+
+    rows = []
+    snames = [("squad-dense@call1", "(a) dense fine-tune (call 1)", "squad-dense@call1"),
+              ("squad-long-gmp80-block4-kd@call1", "(b) GMP 80% block4 + KD (call 1, from its (a))", "squad-dense@call1"),
+              ("squad-long-obs80-block4-kd@call1", "(b, oBERT) oBERT 80% block4 + KD (call 1, from its (a))", "squad-dense@call1"),
+              ("squad-dense@call2", "(a) dense fine-tune (call 2, same command)", "squad-dense@call2"),
+              ("squad-long-obs80-block4-kd@call2", "(b, oBERT) oBERT 80% block4 + KD (call 2, from its (a))", "squad-dense@call2")]
+    for name, label, ref_name in snames:
+        m = runs.get(name, {}).get("metrics")
+        if not m:
+            rows.append(f"| {label} | {runs.get(name, {}).get('status', 'not run')} | | | | | |")
+            continue
+        v, sref = m["validation"], _ref(runs, ref_name, lambda v: v["f1"])
+        rows.append(f"| {label} | {v['exact_match']:.2f} | {v['f1']:.2f} | {v['f1'] - sref:+.2f} | {_pct(m['encoder_sparsity'])}% "
+                    f"| {m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |")
+    body = [where, "", "SQuAD v1.1, **training used dev articles** (36:12 article split, seed 42, as in the section above; "
+            "scores on the 12 held-out articles only), seq 384, doc_stride 128, batch 32. Students from (a), KD on start/end "
+            "logits (hardness 1.0, T 5.5), pruning over the first half; epochs fitted to the time left.", "",
+            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |",
+            "|---|---|---|---|---|---|---|", *rows, "", _commands(runs, [n for n, _, _ in snames])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_squad_long", "SQuAD v1.1 on a GPU: longer schedules, GMP vs oBERT", "\n".join(body))
+
+
 def epoch_curves(tarball: Path) -> dict[str, list[float]]:
     """Per-run list of ``eval_validation_accuracy`` values logged by ``--eval-each-epoch``."""
     import tarfile
@@ -161,11 +205,20 @@ def epoch_curves(tarball: Path) -> dict[str, list[float]]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("summary", type=Path)
+    ap.add_argument("summary", type=Path, nargs="+", help="summary.json of each call (later calls win on a name)")
     ap.add_argument("--device", required=True)
-    ap.add_argument("--command", required=True)
+    ap.add_argument("--command", required=True, action="append", help="the device command of each call")
+    ap.add_argument("--long", action="store_true", help="write the session-4 sections (batch-128 SST-2, long SQuAD)")
     a = ap.parse_args()
     curves: dict[str, list[float]] = {}
-    for tarball in sorted(a.summary.parent.glob("*.tar.gz")):  # the run folders' small files, per call
-        curves.update(epoch_curves(tarball))
-    report(json.loads(a.summary.read_text()), curves, a.device, a.command)
+    runs: dict = {}
+    for i, summary in enumerate(a.summary, 1):
+        for tarball in sorted(summary.parent.glob("*.tar.gz")):  # the run folders' small files, per call
+            curves.update(epoch_curves(tarball))
+        done = {k: v for k, v in json.loads(summary.read_text())["runs"].items() if v.get("status") != "skipped"}
+        runs.update(done)  # by name: the latest call's run
+        runs.update({f"{k}@call{i}": v for k, v in done.items()})  # by name and call
+    if a.long:
+        report_long(runs, curves, a.device, a.command)
+    else:
+        report({"runs": runs}, curves, a.device, a.command[0])
