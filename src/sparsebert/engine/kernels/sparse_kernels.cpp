@@ -53,6 +53,10 @@
 // ISA: the AVX2/FMA code is compiled through __attribute__((target)) and chosen at run
 // time with __builtin_cpu_supports, so one cached build runs on any x86-64 CPU; the
 // portable path (plain C++ the compiler may auto-vectorise) is used elsewhere, incl. ARM.
+// Where the CPU has AVX-512, only the hot loops change (same packed layouts, same sums):
+// FP32 on 16-float registers, INT8 quads with vpdpbusd, INT8 pairs with vpdpwssd (VNNI);
+// tiles of an odd number of 8-token registers keep the AVX2 loop. SPARSEBERT_NO_AVX512=1
+// keeps the AVX2 loops everywhere.
 
 // Narrow includes instead of <torch/extension.h>: the JIT build takes ~7 s of CPU
 // instead of ~33 s.
