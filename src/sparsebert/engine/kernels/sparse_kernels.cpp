@@ -641,33 +641,41 @@ SB_AVX2 void finish_avx2(const Problem& p, float* yt, int W, int64_t w, int64_t 
   }
 }
 
-// AVX-512 version of the hot loop: the same XT/YT layout, 16 tokens a register.
+// AVX-512 version of the hot loop: the same XT/YT layout, 16 tokens a register. BLOCK4 adds its 4
+// weights of an entry into the same R16 registers back to back (a chain of 4-cycle FMAs), so it keeps
+// NS = 2 sets of accumulators (weights 0, 2 / 1, 3), summed at the end: +5-8% measured, where the
+// same split of CSR's nonzeros measured 1-2% slower (its chains already overlap across entries).
 template <Format F, int R16>
 SB_AVX512 inline void sparse_row_fma_avx512(const float* __restrict xt,
                                             const int32_t* __restrict col,
                                             const float* __restrict val, int64_t e0, int64_t e1,
                                             float* __restrict out) {
   constexpr int W8 = 16 * R16;
+  constexpr int NS = F == Format::BLOCK4 ? 2 : 1;  // accumulator sets
   if (e0 == e1) return;
-  __m512 acc[R16];
+  __m512 acc[NS][R16];
 #pragma GCC unroll 4
-  for (int r = 0; r < R16; ++r) acc[r] = _mm512_load_ps(out + 16 * r);
+  for (int r = 0; r < R16; ++r) {
+    acc[0][r] = _mm512_load_ps(out + 16 * r);
+#pragma GCC unroll 4
+    for (int s = 1; s < NS; ++s) acc[s][r] = _mm512_setzero_ps();
+  }
   int64_t e = e0;
   if (F == Format::CSR) {
-    for (; e + 4 <= e1; e += 4) {
+    for (; e + NS <= e1; e += NS) {
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
-        const __m512 w = _mm512_set1_ps(val[e + u]);
-        const float* xr = xt + static_cast<int64_t>(col[e + u]) * W8;
+      for (int s = 0; s < NS; ++s) {
+        const __m512 w = _mm512_set1_ps(val[e + s]);
+        const float* xr = xt + static_cast<int64_t>(col[e + s]) * W8;
 #pragma GCC unroll 4
-        for (int r = 0; r < R16; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + 16 * r), acc[r]);
+        for (int r = 0; r < R16; ++r) acc[s][r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + 16 * r), acc[s][r]);
       }
     }
     for (; e < e1; ++e) {
       const __m512 w = _mm512_set1_ps(val[e]);
       const float* xr = xt + static_cast<int64_t>(col[e]) * W8;
 #pragma GCC unroll 4
-      for (int r = 0; r < R16; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + 16 * r), acc[r]);
+      for (int r = 0; r < R16; ++r) acc[0][r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + 16 * r), acc[0][r]);
     }
   } else {
     for (; e < e1; ++e) {
@@ -678,12 +686,16 @@ SB_AVX512 inline void sparse_row_fma_avx512(const float* __restrict xt,
         const __m512 w = _mm512_set1_ps(wv[q]);
 #pragma GCC unroll 4
         for (int r = 0; r < R16; ++r)
-          acc[r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + q * W8 + 16 * r), acc[r]);
+          acc[q % NS][r] = _mm512_fmadd_ps(w, _mm512_load_ps(xr + q * W8 + 16 * r), acc[q % NS][r]);
       }
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < R16; ++r) _mm512_store_ps(out + 16 * r, acc[r]);
+  for (int r = 0; r < R16; ++r) {
+#pragma GCC unroll 4
+    for (int s = 1; s < NS; ++s) acc[0][r] = _mm512_add_ps(acc[0][r], acc[s][r]);
+    _mm512_store_ps(out + 16 * r, acc[0][r]);
+  }
 }
 
 // Output rows [n_begin, n_end) of one M tile, block by block (see the header comment). Defined
@@ -885,19 +897,37 @@ template <int R16>
 SB_VNNI inline void q8_row_vnni(const uint8_t* __restrict xq, const int32_t* __restrict col,
                                 const int32_t* __restrict wq, int64_t e0, int64_t e1, int32_t* __restrict out) {
   constexpr int W = 16 * R16;
+  constexpr int NS = 2;  // accumulator sets taking the entries in turn (+1-6% measured on quads)
   if (e0 == e1) return;
-  __m512i acc[R16];
+  __m512i acc[NS][R16];
 #pragma GCC unroll 4
-  for (int r = 0; r < R16; ++r) acc[r] = _mm512_load_si512(out + 16 * r);
-#pragma GCC unroll 2
-  for (int64_t e = e0; e < e1; ++e) {
+  for (int r = 0; r < R16; ++r) {
+    acc[0][r] = _mm512_load_si512(out + 16 * r);
+#pragma GCC unroll 4
+    for (int s = 1; s < NS; ++s) acc[s][r] = _mm512_setzero_si512();
+  }
+  int64_t e = e0;
+  for (; e + NS <= e1; e += NS) {
+#pragma GCC unroll 4
+    for (int s = 0; s < NS; ++s) {
+      const __m512i w = _mm512_set1_epi32(wq[e + s]);
+      const uint8_t* xr = xq + static_cast<int64_t>(col[e + s]) * W;
+#pragma GCC unroll 4
+      for (int r = 0; r < R16; ++r) acc[s][r] = _mm512_dpbusd_epi32(acc[s][r], _mm512_load_si512(xr + 64 * r), w);
+    }
+  }
+  for (; e < e1; ++e) {
     const __m512i w = _mm512_set1_epi32(wq[e]);
     const uint8_t* xr = xq + static_cast<int64_t>(col[e]) * W;
 #pragma GCC unroll 4
-    for (int r = 0; r < R16; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_load_si512(xr + 64 * r), w);
+    for (int r = 0; r < R16; ++r) acc[0][r] = _mm512_dpbusd_epi32(acc[0][r], _mm512_load_si512(xr + 64 * r), w);
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < R16; ++r) _mm512_store_si512(out + 16 * r, acc[r]);
+  for (int r = 0; r < R16; ++r) {
+#pragma GCC unroll 4
+    for (int s = 1; s < NS; ++s) acc[0][r] = _mm512_add_epi32(acc[0][r], acc[s][r]);
+    _mm512_store_si512(out + 16 * r, acc[0][r]);
+  }
 }
 
 template <int R>
