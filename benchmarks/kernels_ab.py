@@ -1,10 +1,16 @@
-"""Single-layer A/B of the sparse kernels' hot loops: AVX-512 (FP32) / VNNI (INT8) vs the AVX2 loops.
+"""Single-layer A/B of the sparse kernels: this CPU's hot loops vs the AVX2 loops, or vs another revision.
 
-Each (M, K, N, pattern) SparseLinear / SparseLinearInt8 is timed in this process (the best ISA of the CPU)
-and in a child started with ``SPARSEBERT_NO_AVX512=1`` (AVX2 loops), 2 threads, random weights magnitude-
-free pruned at random (speed does not depend on the values).
+Each (M, K, N, pattern) SparseLinear / SparseLinearInt8 (2 threads, weights pruned at random: speed does not
+depend on the values) is timed
 
-    python benchmarks/kernels_ab.py            # prints a markdown table
+* default: in this process (the best ISA of the CPU) and in a child started with ``SPARSEBERT_NO_AVX512=1``
+  (AVX2 loops);
+* ``--against REV``: with this checkout's kernels and with ``sparse_kernels.cpp`` of git revision REV, both
+  built and loaded in this one process and timed in alternation (5 rounds, best of each), so machine noise
+  hits both alike.
+
+    python benchmarks/kernels_ab.py                    # prints a markdown table
+    python benchmarks/kernels_ab.py --against HEAD~1
 """
 
 from __future__ import annotations
@@ -20,36 +26,83 @@ CASES = [("fp32", 0.9, "unstructured"), ("fp32", 0.8, "block4"), ("int8", 0.9, "
 
 
 def measure() -> dict:
-    """Median-of-runs latency (ms) of every (shape, case) with the kernels this process dispatches to."""
+    """Median latency (ms) of every (shape, case) with the kernels this process dispatches to."""
+    from sparsebert.engine import kernel_isa
+
+    out = {"isa": kernel_isa(), "ms": {}}
+    for label, lin, x in _layers():
+        for _ in range(3):
+            lin(x)
+        times = []
+        t_end = time.perf_counter() + 1.0
+        while time.perf_counter() < t_end or len(times) < 5:
+            t = time.perf_counter()
+            lin(x)
+            times.append(time.perf_counter() - t)
+        times.sort()
+        out["ms"][label] = 1e3 * times[len(times) // 2]
+    return out
+
+
+def _layers():
+    """(label, layer, input) for every shape x case."""
     import torch
 
-    from sparsebert.engine import SparseLinear, kernel_isa
+    from sparsebert.engine import SparseLinear
     from sparsebert.engine.quantized_linear import SparseLinearInt8
 
     torch.manual_seed(0)
-    out = {"isa": kernel_isa(), "ms": {}}
     for m, k, n in SHAPES:
         for precision, sp, pattern in CASES:
             w = torch.randn(n, k)
             keep = (torch.rand(n, k // 4) >= sp).repeat_interleave(4, 1) if pattern == "block4" else torch.rand(n, k) >= sp
-            w = w * keep
             cls = SparseLinear if precision == "fp32" else SparseLinearInt8
-            lin = cls.from_dense(w, torch.randn(n), pattern=pattern if precision == "fp32" else "auto", num_threads=2)
-            x = torch.randn(m, k)
-            for _ in range(3):
-                lin(x)
-            times = []
-            t_end = time.perf_counter() + 1.0
-            while time.perf_counter() < t_end or len(times) < 5:
-                t = time.perf_counter()
-                lin(x)
-                times.append(time.perf_counter() - t)
-            times.sort()
-            out["ms"][f"{m}x{k}x{n} {precision} {pattern} {sp:.0%}"] = 1e3 * times[len(times) // 2]
-    return out
+            lin = cls.from_dense(w * keep, torch.randn(n), pattern=pattern if precision == "fp32" else "auto", num_threads=2)
+            yield f"{m}x{k}x{n} {precision} {pattern} {sp:.0%}", lin, torch.randn(m, k)
+
+
+def against(rev: str) -> None:
+    """Print old (REV) vs new (this checkout) kernel latencies, measured in alternation in one process."""
+    import tempfile
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load
+
+    import sparsebert.engine.kernels as kernels
+
+    src = subprocess.run(["git", "show", f"{rev}:src/sparsebert/engine/kernels/sparse_kernels.cpp"], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    build = Path(tempfile.mkdtemp(prefix="sparsebert_ab_"))
+    (build / "sparse_kernels.cpp").write_text(src)
+    new = kernels.load()
+    old = load(name="sparsebert_kernels_ab_old", sources=[str(build / "sparse_kernels.cpp")], extra_cflags=kernels._CFLAGS,
+               extra_ldflags=kernels._LDFLAGS, build_directory=str(build))
+
+    def best(lin, x, seconds=0.25):
+        lin(x)
+        times, t_end = [], time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(times) < 3:
+            t = time.perf_counter()
+            lin(x)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    print(f"| layer (M x K x N) | {rev} (ms) | this checkout (ms) | speedup |\n|---|---|---|---|")
+    for label, lin, x in _layers():
+        res = {"old": [], "new": []}
+        for _ in range(5):
+            for name, mod in (("old", old), ("new", new)):
+                kernels._module = mod  # the loader's cached module: what SparseLinear calls
+                res[name].append(best(lin, x))
+        kernels._module = new
+        o, n = min(res["old"]), min(res["new"])
+        print(f"| {label} | {1e3 * o:.3f} | {1e3 * n:.3f} | {o / n:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
+    if "--against" in sys.argv:
+        against(sys.argv[sys.argv.index("--against") + 1])
+        sys.exit(0)
     if "--child" in sys.argv:
         print(json.dumps(measure()))
         sys.exit(0)
