@@ -78,9 +78,13 @@ class _Layer:
         self.ffn2 = make_linear(block.output.dense.weight.detach(), block.output.dense.bias.detach(), [block.output.dense])
         self.ln1 = att.output.LayerNorm
         self.ln2 = block.output.LayerNorm
+        # Plain tensors/floats: nn.Module attribute lookups cost ~1 us each, per layer and call.
+        self.ln1_args = (self.ln1.weight.detach(), self.ln1.bias.detach(), self.ln1.eps)
+        self.ln2_args = (self.ln2.weight.detach(), self.ln2.bias.detach(), self.ln2.eps)
         self.heads = att.self.num_attention_heads
         self.head_dim = att.self.attention_head_size
         self.act = act
+        self.fused = _KERNEL_ACT.get(act)
         self.act_module = block.intermediate.intermediate_act_fn
         self.int8 = isinstance(self.ffn2, SparseLinearInt8)
 
@@ -93,8 +97,8 @@ class _Layer:
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, heads, S, head_dim] views
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         a = self.o.run(ctx.transpose(1, 2).reshape(batch * seq, hidden))
-        x = F.layer_norm(a.add_(x), (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        fused = _KERNEL_ACT.get(self.act)
+        x = F.layer_norm(a.add_(x), (hidden,), *self.ln1_args)
+        fused = self.fused
         if self.int8 and fused:  # the FFN1 epilogue applies the activation and measures its range
             rng = torch.empty(2)  # per call: the model may be called from several threads
             h = self.ffn1.run(x, act=fused, minmax=rng)
@@ -102,7 +106,7 @@ class _Layer:
         else:
             h = self.ffn1.run(x, act=fused)
             y = self.ffn2.run(h if fused else self.act_module(h))
-        return F.layer_norm(y.add_(x), (hidden,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        return F.layer_norm(y.add_(x), (hidden,), *self.ln2_args)
 
 
 class CompiledBert(torch.nn.Module):

@@ -284,14 +284,14 @@ class SparseLinearInt8(torch.nn.Module):
         lead = x.shape[:-1]
         return self.run(x.reshape(-1, k)).view(*lead, self.out_features)
 
-    @torch.no_grad()
     def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False, act: str | None = None,
             minmax: torch.Tensor | None = None, x_range: torch.Tensor | None = None) -> torch.Tensor:
         """2-D entry point: ``x`` float32 ``[M, K]`` (``[K, M]`` when ``x_t``) -> float32 ``[M, N]``
-        (``[N, M]`` when ``y_t``). ``act`` / ``minmax``: the kernel epilogue, as in
+        (``[N, M]`` when ``y_t``), no autograd. ``act`` / ``minmax``: the kernel epilogue, as in
         :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when already known (e.g. the
         previous layer's ``minmax``), which saves a pass over ``x``."""
-        x = x.contiguous()
+        # No torch.no_grad decorator and positional kernel arguments: see SparseLinear.run.
+        x = x.detach().contiguous()
         sx, zp = activation_qparams_7bit(x, x_range)
         mod = _kernels.load() if self.format != "dense" else None
         if mod is None:
@@ -301,13 +301,13 @@ class SparseLinearInt8(torch.nn.Module):
                 warnings.warn("SparseLinearInt8: compiled kernels unavailable, using the dense torch fallback "
                               f"({_kernels.build_error()})", RuntimeWarning, stacklevel=3)
                 SparseLinearInt8._warned_fallback = True
-            if self.weight_q is None:
-                self.weight_q = self.int_weight()
-            return apply_epilogue(self._dense(x, sx, zp, x_t, y_t), act, minmax)
-        threads = self.num_threads or torch.get_num_threads()
+            with torch.no_grad():
+                if self.weight_q is None:
+                    self.weight_q = self.int_weight()
+                return apply_epilogue(self._dense(x, sx, zp, x_t, y_t), act, minmax)
         return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
-                           self.out_features, self.k_chunk, self.n_block, sx, zp, threads, x_t=x_t, y_t=y_t,
-                           pairs=self.format == "q8p", act=ACT_CODES[act], minmax=minmax)
+                           self.out_features, self.k_chunk, self.n_block, sx, zp, self.num_threads or torch.get_num_threads(),
+                           None, x_t, y_t, 64, False, self.format == "q8p", ACT_CODES[act], minmax)
 
     def _dense(self, x: torch.Tensor, sx: float, zp: int, x_t: bool, y_t: bool) -> torch.Tensor:
         # Integer math in float32: |sum of products| <= 127 * 127 * K < 2**24 for K <= 1040; above
