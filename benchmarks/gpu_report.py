@@ -39,6 +39,16 @@ def _epoch_curve(work_logs: dict, name: str) -> str:
     return ", ".join(f"{100 * a:.2f}" for a in curve) if curve else "n/a"
 
 
+def _squad_row(runs: dict, name: str, label: str, ref_name: str) -> str:
+    """A SQuAD table row: EM, F1, Δ F1 vs run ``ref_name``, sparsity, epochs, train wall time."""
+    m = runs.get(name, {}).get("metrics")
+    if not m:
+        return f"| {label} | {runs.get(name, {}).get('status', 'not run')} | | | | | |"
+    v, ref = m["validation"], _ref(runs, ref_name, lambda v: v["f1"])
+    return (f"| {label} | {v['exact_match']:.2f} | {v['f1']:.2f} | {v['f1'] - ref:+.2f} | {_pct(m['encoder_sparsity'])}% "
+            f"| {m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |")
+
+
 def _commands(runs: dict, names: list[str]) -> str:
     lines = [runs[n]["cmd"].replace("/tmp/gpu_runs", "runs/gpu").replace("/tmp/dev/minilm", "$MINILM")
              for n in names if runs.get(n, {}).get("cmd")]
@@ -67,17 +77,9 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
             _commands(runs, ["sst2-dense", "sst2-gmp80-block4-kd", "sst2-gmp80-block4-kd-longprune", "sst2-gmp90-unstructured-kd"])]
     write_section(ROOT / "BENCHMARKS.md", "gpu_sst2", "SST-2 main job on a GPU: full train set", "\n".join(body))
 
-    sref = _ref(runs, "squad-dense", lambda v: v["f1"])
-    rows = []
-    for name, label in (("squad-dense", "(a) dense fine-tune"), ("squad-gmp80-block4-kd", "(b) GMP 80% block4 + KD"),
-                        ("squad-gmp90-unstructured-kd", "(c) GMP 90% unstructured + KD")):
-        m = runs.get(name, {}).get("metrics")
-        if not m:
-            rows.append(f"| {label} | {runs.get(name, {}).get('status', 'not run')} | | | | | |")
-            continue
-        v = m["validation"]
-        rows.append(f"| {label} | {v['exact_match']:.2f} | {v['f1']:.2f} | {v['f1'] - sref:+.2f} | {_pct(m['encoder_sparsity'])}% "
-                    f"| {m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |")
+    rows = [_squad_row(runs, name, label, "squad-dense")
+            for name, label in (("squad-dense", "(a) dense fine-tune"), ("squad-gmp80-block4-kd", "(b) GMP 80% block4 + KD"),
+                                ("squad-gmp90-unstructured-kd", "(c) GMP 90% unstructured + KD"))]
     body = [where, "", "SQuAD v1.1: **training used dev articles** (no train-v1.1.json offline): dev-v1.1.json split by "
             "article, 36 for training and 12 held out (`--split-by-article 36:12`, seed 42; the split is saved as "
             "`article_split.json`); scores are on the 12 held-out articles only and not comparable with official dev "
@@ -165,20 +167,12 @@ def report_long(runs: dict, curves: dict, device: str, commands: list[str]) -> N
             _commands(runs, names)]
     write_section(ROOT / "BENCHMARKS.md", "gpu_sst2_long", "SST-2 main job on a GPU: batch 128, longer schedules", "\n".join(body))
 
-    rows = []
     snames = [("squad-dense@call1", "(a) dense fine-tune (call 1)", "squad-dense@call1"),
               ("squad-long-gmp80-block4-kd@call1", "(b) GMP 80% block4 + KD (call 1, from its (a))", "squad-dense@call1"),
               ("squad-long-obs80-block4-kd@call1", "(b, oBERT) oBERT 80% block4 + KD (call 1, from its (a))", "squad-dense@call1"),
               ("squad-dense@call2", "(a) dense fine-tune (call 2, same command)", "squad-dense@call2"),
               ("squad-long-obs80-block4-kd@call2", "(b, oBERT) oBERT 80% block4 + KD (call 2, from its (a))", "squad-dense@call2")]
-    for name, label, ref_name in snames:
-        m = runs.get(name, {}).get("metrics")
-        if not m:
-            rows.append(f"| {label} | {runs.get(name, {}).get('status', 'not run')} | | | | | |")
-            continue
-        v, sref = m["validation"], _ref(runs, ref_name, lambda v: v["f1"])
-        rows.append(f"| {label} | {v['exact_match']:.2f} | {v['f1']:.2f} | {v['f1'] - sref:+.2f} | {_pct(m['encoder_sparsity'])}% "
-                    f"| {m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |")
+    rows = [_squad_row(runs, name, label, ref_name) for name, label, ref_name in snames]
     body = [where, "", "SQuAD v1.1, **training used dev articles** (36:12 article split, seed 42, as in the section above; "
             "scores on the 12 held-out articles only), seq 384, doc_stride 128, batch 32. Students from (a), KD on start/end "
             "logits (hardness 1.0, T 5.5), pruning over the first half; epochs fitted to the time left.", "",

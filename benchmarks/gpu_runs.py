@@ -133,6 +133,12 @@ def fitted_epochs(s: Scheduler, dense: str, dense_epochs: float, lo: int, hi: in
     return None if fit < lo else min(fit, hi)
 
 
+def obs_update_frequency(prune_epochs: float) -> float:
+    """Mask-update interval (epochs) that gives an oBERT run ~12 Fisher-based updates over its pruning
+    window (each costs ``num_grads`` extra backward passes), at most one every quarter epoch."""
+    return round(max(0.25, prune_epochs / 12), 3)
+
+
 def build_jobs(model: str, work: Path, smoke: bool) -> list[Job]:
     """The DAG of runs (see the module docstring); run folders under ``work``. ``smoke``: tiny data,
     to check the plumbing."""
@@ -227,7 +233,7 @@ def b128_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
                 return None
             kw = dict(num_epochs=float(n), prune_end=n * 0.5, **extra)
             if obs:
-                kw["update_frequency"] = round(max(0.25, n * 0.5 / 12), 3)
+                kw["update_frequency"] = obs_update_frequency(n * 0.5)
             return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe", f"recipes/glue/{recipe}.yaml",
                            "--recipe-args", json.dumps(kw)] + few
         jobs.append(Job(f"sst2b128-{kind}", args, deps=("sst2b128-dense",)))
@@ -252,7 +258,7 @@ def long_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list[Job]
                 return None
             kw = dict(num_epochs=float(n), prune_end=n * prune_frac, **extra)
             if obs:
-                kw["update_frequency"] = round(max(0.25, n * prune_frac / 12), 3)
+                kw["update_frequency"] = obs_update_frequency(n * prune_frac)
             return ["train", "--task", "sst2", "--seed", "42", "--logging-steps", "100", "--model", w("sst2-dense"),
                     "--teacher", w("sst2-dense"), "--recipe", f"recipes/glue/{recipe}.yaml", "--eval-each-epoch",
                     "--recipe-args", json.dumps(kw)] + few
@@ -265,7 +271,7 @@ def long_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list[Job]
                 return None
             kw = {"num_epochs": float(n)}
             if obs:
-                kw["update_frequency"] = round(max(0.25, n * 0.5 / 12), 3)
+                kw["update_frequency"] = obs_update_frequency(n * 0.5)
             return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
                     "--split-by-article", "36:12", "--recipe", f"recipes/squad/{recipe}.yaml",
                     "--recipe-args", json.dumps(kw)] + few

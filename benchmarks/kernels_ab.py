@@ -25,21 +25,24 @@ SHAPES = [(128, 384, 1536), (128, 1536, 384), (4096, 768, 3072), (4096, 3072, 76
 CASES = [("fp32", 0.9, "unstructured"), ("fp32", 0.8, "block4"), ("int8", 0.9, "unstructured"), ("int8", 0.8, "block4")]
 
 
+def _times(lin, x, seconds: float, at_least: int) -> list[float]:
+    """Sorted wall times (s) of ``lin(x)`` calls over ``seconds`` (at least ``at_least`` calls), after a warm-up call."""
+    lin(x)
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < at_least:
+        t = time.perf_counter()
+        lin(x)
+        times.append(time.perf_counter() - t)
+    return sorted(times)
+
+
 def measure() -> dict:
     """Median latency (ms) of every (shape, case) with the kernels this process dispatches to."""
     from sparsebert.engine import kernel_isa
 
     out = {"isa": kernel_isa(), "ms": {}}
     for label, lin, x in _layers():
-        for _ in range(3):
-            lin(x)
-        times = []
-        t_end = time.perf_counter() + 1.0
-        while time.perf_counter() < t_end or len(times) < 5:
-            t = time.perf_counter()
-            lin(x)
-            times.append(time.perf_counter() - t)
-        times.sort()
+        times = _times(lin, x, 1.0, 5)
         out["ms"][label] = 1e3 * times[len(times) // 2]
     return out
 
@@ -78,22 +81,13 @@ def against(rev: str) -> None:
     old = load(name="sparsebert_kernels_ab_old", sources=[str(build / "sparse_kernels.cpp")], extra_cflags=kernels._CFLAGS,
                extra_ldflags=kernels._LDFLAGS, build_directory=str(build))
 
-    def best(lin, x, seconds=0.25):
-        lin(x)
-        times, t_end = [], time.perf_counter() + seconds
-        while time.perf_counter() < t_end or len(times) < 3:
-            t = time.perf_counter()
-            lin(x)
-            times.append(time.perf_counter() - t)
-        return min(times)
-
     print(f"| layer (M x K x N) | {rev} (ms) | this checkout (ms) | speedup |\n|---|---|---|---|")
     for label, lin, x in _layers():
         res = {"old": [], "new": []}
         for _ in range(5):
             for name, mod in (("old", old), ("new", new)):
                 kernels._module = mod  # the loader's cached module: what SparseLinear calls
-                res[name].append(best(lin, x))
+                res[name].append(_times(lin, x, 0.25, 3)[0])
         kernels._module = new
         o, n = min(res["old"]), min(res["new"])
         print(f"| {label} | {1e3 * o:.3f} | {1e3 * n:.3f} | {o / n:.2f}x |", flush=True)

@@ -291,7 +291,7 @@ class SparseLinearInt8(torch.nn.Module):
         :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when already known (e.g. the
         previous layer's ``minmax``), which saves a pass over ``x``."""
         # No torch.no_grad decorator and positional kernel arguments: see SparseLinear.run.
-        x = x.detach().contiguous()
+        x = x.contiguous()
         sx, zp = activation_qparams_7bit(x, x_range)
         mod = _kernels.load() if self.format != "dense" else None
         if mod is None:
@@ -305,6 +305,7 @@ class SparseLinearInt8(torch.nn.Module):
                 if self.weight_q is None:
                     self.weight_q = self.int_weight()
                 return apply_epilogue(self._dense(x, sx, zp, x_t, y_t), act, minmax)
+        # positional after the threads: out, x_t, y_t, tile_w, force_generic, pairs, act, minmax
         return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
                            self.out_features, self.k_chunk, self.n_block, sx, zp, self.num_threads or torch.get_num_threads(),
                            None, x_t, y_t, 64, False, self.format == "q8p", ACT_CODES[act], minmax)

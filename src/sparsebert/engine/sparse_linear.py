@@ -386,6 +386,7 @@ class SparseLinear(torch.nn.Module):
                 else:
                     y = F.linear(x.t() if x_t else x, w, b)
                 return apply_epilogue(y, act, minmax)
+        # positional after the threads: out, x_t, y_t, tile_w, force_generic, act, minmax
         return mod.spmm(x, self.order, self.row_ptr, self.col, self.val, self.bias, self.out_features,
                         _FMT_CODE[self.format], self.k_chunk, self.n_block, self.num_threads or torch.get_num_threads(),
                         None, x_t, y_t, 64, False, ACT_CODES[act], minmax)

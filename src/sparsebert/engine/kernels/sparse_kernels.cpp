@@ -96,36 +96,25 @@ constexpr int kGroup = 8;         // output rows per 8x8 output transpose
 
 enum class Format { CSR, BLOCK4, Q8, Q8P };
 
-bool cpu_has_avx2_fma() {
-#if SB_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+// What this CPU runs, read once from cpuid. AVX-512F: the FP32 hot loop on 16-token registers
+// (half the loads and FMAs per nonzero); VNNI: the INT8 hot loops with one vpdpbusd / vpdpwssd per
+// 16 tokens (same results). SPARSEBERT_NO_AVX512=1 keeps the AVX2 loops (A/B runs, tests of both paths).
+struct CpuFeatures {
+  bool avx2_fma = false, avx512 = false, vnni = false;
+};
 
-// AVX-512F: the FP32 hot loop on 16-token registers (half the loads and FMAs per nonzero).
-// SPARSEBERT_NO_AVX512=1 keeps the AVX2 loop (A/B measurements, tests of both paths).
-bool cpu_has_avx512() {
+const CpuFeatures& cpu() {
+  static const CpuFeatures f = [] {
+    CpuFeatures c;
 #if SB_X86
-  static const bool ok = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512vl") && !std::getenv("SPARSEBERT_NO_AVX512");
-  return ok;
-#else
-  return false;
+    c.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    c.avx512 = c.avx2_fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               !std::getenv("SPARSEBERT_NO_AVX512");
+    c.vnni = c.avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 #endif
-}
-
-// AVX-512 VNNI: the INT8 hot loops with one vpdpbusd / vpdpwssd per 16 tokens (same results).
-bool cpu_has_vnni() {
-#if SB_X86
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vnni");
-  return ok;
-#else
-  return false;
-#endif
+    return c;
+  }();
+  return f;
 }
 
 // Thread-local, 64-byte aligned scratch that only grows: avoids malloc + page faults per
@@ -1288,8 +1277,8 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
   set_epilogue(p, act, minmax);
   if (p.M == 0 || N == 0) return y;
   p.val = val.data_ptr<float>();
-  const bool avx2 = cpu_has_avx2_fma() && !force_generic;
-  p.avx512 = avx2 && cpu_has_avx512();
+  const bool avx2 = cpu().avx2_fma && !force_generic;
+  p.avx512 = avx2 && cpu().avx512;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (fmt == 0)
     run<Format::CSR>(p, threads, static_cast<int>(tile_w), avx2);
@@ -1325,8 +1314,8 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   p.x_scale = static_cast<float>(x_scale);
   p.x_inv_scale = 1.0f / static_cast<float>(x_scale);
   p.x_zp = static_cast<int32_t>(x_zero_point);
-  const bool avx2 = cpu_has_avx2_fma() && !force_generic;
-  p.vnni = avx2 && cpu_has_vnni();
+  const bool avx2 = cpu().avx2_fma && !force_generic;
+  p.vnni = avx2 && cpu().vnni;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (pairs)
     run<Format::Q8P>(p, threads, static_cast<int>(tile_w), avx2);
@@ -1336,7 +1325,7 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
 }
 
 std::string isa() {
-  return cpu_has_vnni() ? "avx512_vnni" : cpu_has_avx512() ? "avx512f" : cpu_has_avx2_fma() ? "avx2_fma" : "generic";
+  return cpu().vnni ? "avx512_vnni" : cpu().avx512 ? "avx512f" : cpu().avx2_fma ? "avx2_fma" : "generic";
 }
 
 int last_num_threads() { return g_last_threads.load(std::memory_order_relaxed); }
