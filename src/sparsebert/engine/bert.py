@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,18 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_attention():
+    """The compiled fused attention kernel (``attention.cpp``) where it is the fast path (AVX-512 CPUs:
+    1.6-2x faster than ``scaled_dot_product_attention`` at seq 128), else ``None`` (SDPA is used)."""
+    from . import kernels as _kernels
+
+    mod = _kernels.load()
+    if mod is None or not mod.isa().startswith("avx512") or os.environ.get("SPARSEBERT_NO_FUSED_ATTENTION"):
+        return None
+    return mod.attention_t
+
+
 class _Layer:
     """One encoder block: fused QKV, attention output, FFN, two LayerNorms (plain attributes)."""
 
@@ -93,10 +107,17 @@ class _Layer:
 
     def __call__(self, x: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None) -> torch.Tensor:
         hidden = x.shape[1]
-        qkv = self.qkv.run(x).view(batch, seq, 3, self.heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, heads, S, head_dim] views
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        a = self.o.run(ctx.transpose(1, 2).reshape(batch * seq, hidden))
+        att = _fused_attention()
+        if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
+            qkv_t = self.qkv.run(x, y_t=True)  # [3 * hidden, batch * seq]
+            mask2 = None if mask is None else mask.view(batch, seq)
+            ctx_t = att(qkv_t, batch, seq, self.heads, self.head_dim, mask2, torch.get_num_threads(), False)
+            a = self.o.run(ctx_t, x_t=True)
+        else:
+            qkv = self.qkv.run(x).view(batch, seq, 3, self.heads, self.head_dim)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, heads, S, head_dim] views
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
+            a = self.o.run(ctx.transpose(1, 2).reshape(batch * seq, hidden))
         x = F.layer_norm(a.add_(x), (hidden,), *self.ln1_args)
         fused = self.fused
         if self.int8 and fused:  # the FFN1 epilogue applies the activation and measures its range
@@ -186,7 +207,7 @@ class CompiledBert(torch.nn.Module):
             mask = None
             if attention_mask is not None and not bool(attention_mask.all()):
                 # HF's additive mask: 0 where attended, the dtype's minimum where masked.
-                mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+                mask = ((1.0 - attention_mask.float()) * torch.finfo(torch.float32).min).contiguous()  # [B, S]
             for layer in self.layers_:
                 x = layer(x, batch, seq, mask)
             h = x.view(batch, seq, hidden)

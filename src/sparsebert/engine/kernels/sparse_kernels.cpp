@@ -1324,6 +1324,20 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   return y;
 }
 
+}  // namespace
+
+namespace sparsebert {
+at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                       const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512);  // attention.cpp
+}
+
+namespace {
+
+at::Tensor attention(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                     const c10::optional<at::Tensor>& mask, int64_t num_threads, bool force_generic) {
+  return sparsebert::attention_t(qkv_t, batch, seq, heads, head_dim, mask, num_threads, cpu().avx512 && !force_generic);
+}
+
 std::string isa() {
   return cpu().vnni ? "avx512_vnni" : cpu().avx512 ? "avx512f" : cpu().avx2_fma ? "avx2_fma" : "generic";
 }
@@ -1351,6 +1365,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out") = py::none(), py::arg("x_t") = false, py::arg("y_t") = false,
         py::arg("tile_w") = 64, py::arg("force_generic") = false, py::arg("pairs") = false,
         py::arg("act") = 0, py::arg("minmax") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attention_t", &attention,
+        "softmax(Q K^T / sqrt(D) + mask) V per head on feature-major activations: qkv_t [3*H*D, B*S] -> "
+        "ctx_t [H*D, B*S] (see attention.cpp)",
+        py::arg("qkv_t"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"),
+        py::arg("mask"), py::arg("num_threads"), py::arg("force_generic") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set the kernels dispatch to on this CPU");
   m.def("last_num_threads", &last_num_threads,

@@ -1,0 +1,246 @@
+// Fused multi-head self-attention on feature-major ("transposed") activations, FP32.
+//
+//   qkv_t [3*H*D, M]  rows 0..HD-1 = Q^T, HD..2HD-1 = K^T, 2HD..3HD-1 = V^T; M = B*S tokens
+//                     (batch b owns columns b*S .. b*S+S-1); what the QKV SparseLinear writes
+//                     with y_t=True, so no transpose or head split is ever materialised.
+//   mask      [B, S]  optional additive key mask (0 = attend, a large negative value = padding)
+//   ctx_t     [H*D, M] the attention output, feature-major: the attention-output SparseLinear
+//                     reads it with x_t=True.
+//
+// For one head, one sequence and a block of up to 64 queries i (4 AVX-512 registers of 16):
+//   1. S^T[j, i] = scale * sum_d K^T[d, j] * Q^T[d, i] + mask[j]    (4 keys x 64 queries per step:
+//      16 FMAs per 4 vector loads of Q^T and 4 broadcasts of K^T), kept in a [S, 64] scratch
+//   2. P^T[j, i] = exp(S^T[j, i] - max_j S^T[., i]),  l[i] = sum_j P^T[j, i]   (softmax over j is
+//      lane-wise here: each lane is one query)
+//   3. ctx^T[d, i] = sum_j V^T[d, j] * P^T[j, i] / l[i]              (4 features x 64 queries a step)
+// Same arithmetic as softmax(Q K^T / sqrt(D) + mask) V (Vaswani et al. 2017), no approximation
+// beyond a float32 exp polynomial (relative error < 2e-7).
+//
+// Work items (head, sequence, query block) are spread over OpenMP threads. Only the AVX-512 path is
+// fast; the portable path (plain loops) is the reference and runs anywhere.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SB_ATT_X86 1
+#include <immintrin.h>
+#define SB_ATT_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
+#else
+#define SB_ATT_X86 0
+#endif
+
+namespace sparsebert {
+
+namespace {
+
+constexpr int kQueries = 64;  // queries per work item: 4 registers of 16
+constexpr int kRows = 4;      // keys (phase 1) / features (phase 3) per register-blocked step
+
+struct Att {
+  const float* qkv;   // [3HD, M]
+  const float* mask;  // [B, S] or nullptr
+  float* out;         // [HD, M]
+  int64_t M, S, H, D;
+  float scale;
+};
+
+// Thread-local scratch for S^T / P^T: [S, 64] floats, 64-byte aligned, grows only.
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n + 16) buf.resize(n + 16);
+  auto p = reinterpret_cast<std::uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((p + 63) & ~std::uintptr_t(63));
+}
+
+void item_generic(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni) {
+  const int64_t S = a.S, D = a.D, M = a.M, HD = a.H * a.D, c0 = b * S;
+  float* p = scratch(static_cast<size_t>(S) * kQueries);
+  for (int64_t i = 0; i < ni; ++i) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; ++j) {
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d)
+        s += a.qkv[(h * D + d) * M + c0 + i0 + i] * a.qkv[(HD + h * D + d) * M + c0 + j];
+      s = s * a.scale + (a.mask ? a.mask[b * S + j] : 0.f);
+      p[j * kQueries + i] = s;
+      mx = std::max(mx, s);
+    }
+    float l = 0.f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float e = std::exp(p[j * kQueries + i] - mx);
+      p[j * kQueries + i] = e;
+      l += e;
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      float o = 0.f;
+      for (int64_t j = 0; j < S; ++j) o += a.qkv[(2 * HD + h * D + d) * M + c0 + j] * p[j * kQueries + i];
+      a.out[(h * D + d) * M + c0 + i0 + i] = o / l;
+    }
+  }
+}
+
+#if SB_ATT_X86
+// exp(x) on 16 lanes (Cephes polynomial, as exp_avx2 in sparse_kernels.cpp); inputs below -86 give
+// ~4e-38, so masked keys weigh nothing and no denormals appear.
+SB_ATT_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-86.0f)), _mm512_set1_ps(88.3f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// Phase 1 for keys j0 .. j0+JB-1: NI registers of queries (the last one masked by `last`).
+template <int NI, int JB>
+SB_ATT_AVX512 inline void scores512(const Att& a, const float* qt, const float* kt, const float* mask, int64_t j0,
+                                    __mmask16 last, float* p, __m512* mx) {
+  __m512 acc[JB][NI];
+  for (int r = 0; r < JB; ++r)
+    for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < a.D; ++d) {
+    const float* qd = qt + d * a.M;
+    const float* kd = kt + d * a.M + j0;
+    __m512 q[NI];
+    for (int n = 0; n < NI; ++n) q[n] = _mm512_maskz_loadu_ps(n == NI - 1 ? last : __mmask16(0xFFFF), qd + 16 * n);
+    for (int r = 0; r < JB; ++r) {
+      const __m512 k = _mm512_set1_ps(kd[r]);
+      for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_fmadd_ps(k, q[n], acc[r][n]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(a.scale);
+  for (int r = 0; r < JB; ++r) {
+    const __m512 m = _mm512_set1_ps(mask ? mask[j0 + r] : 0.f);
+    for (int n = 0; n < NI; ++n) {
+      const __m512 s = _mm512_fmadd_ps(acc[r][n], sc, m);
+      _mm512_store_ps(p + (j0 + r) * kQueries + 16 * n, s);
+      mx[n] = _mm512_max_ps(mx[n], s);
+    }
+  }
+}
+
+// Phase 3 for features d0 .. d0+DB-1.
+template <int NI, int DB>
+SB_ATT_AVX512 inline void context512(const Att& a, const float* vt, const float* p, const __m512* inv_l, int64_t d0,
+                                     __mmask16 last, float* out) {
+  __m512 acc[DB][NI];
+  for (int r = 0; r < DB; ++r)
+    for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_setzero_ps();
+  const float* v0 = vt + d0 * a.M;
+  for (int64_t j = 0; j < a.S; ++j) {
+    __m512 pj[NI];
+    for (int n = 0; n < NI; ++n) pj[n] = _mm512_load_ps(p + j * kQueries + 16 * n);
+    for (int r = 0; r < DB; ++r) {
+      const __m512 v = _mm512_set1_ps(v0[r * a.M + j]);
+      for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_fmadd_ps(v, pj[n], acc[r][n]);
+    }
+  }
+  for (int r = 0; r < DB; ++r)
+    for (int n = 0; n < NI; ++n)
+      _mm512_mask_storeu_ps(out + (d0 + r) * a.M + 16 * n, n == NI - 1 ? last : __mmask16(0xFFFF),
+                            _mm512_mul_ps(acc[r][n], inv_l[n]));
+}
+
+template <int NI>
+SB_ATT_AVX512 void item512(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni) {
+  const int64_t S = a.S, D = a.D, M = a.M, HD = a.H * a.D, c0 = b * S;
+  const __mmask16 last = static_cast<__mmask16>((1u << (ni - 16 * (NI - 1))) - 1u);
+  const float* qt = a.qkv + (h * D) * M + c0 + i0;
+  const float* kt = a.qkv + (HD + h * D) * M + c0;
+  const float* vt = a.qkv + (2 * HD + h * D) * M + c0;
+  const float* mask = a.mask ? a.mask + b * S : nullptr;
+  float* p = scratch(static_cast<size_t>(S) * kQueries);
+  __m512 mx[NI];
+  for (int n = 0; n < NI; ++n) mx[n] = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + kRows <= S; j += kRows) scores512<NI, kRows>(a, qt, kt, mask, j, last, p, mx);
+  for (; j < S; ++j) scores512<NI, 1>(a, qt, kt, mask, j, last, p, mx);
+  __m512 l[NI];
+  for (int n = 0; n < NI; ++n) l[n] = _mm512_setzero_ps();
+  for (j = 0; j < S; ++j) {
+    for (int n = 0; n < NI; ++n) {
+      float* pj = p + j * kQueries + 16 * n;
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_load_ps(pj), mx[n]));
+      _mm512_store_ps(pj, e);
+      l[n] = _mm512_add_ps(l[n], e);
+    }
+  }
+  __m512 inv_l[NI];
+  for (int n = 0; n < NI; ++n) inv_l[n] = _mm512_div_ps(_mm512_set1_ps(1.0f), l[n]);
+  float* out = a.out + (h * D) * M + c0 + i0;
+  int64_t d = 0;
+  for (; d + kRows <= D; d += kRows) context512<NI, kRows>(a, vt, p, inv_l, d, last, out);
+  for (; d < D; ++d) context512<NI, 1>(a, vt, p, inv_l, d, last, out);
+}
+
+SB_ATT_AVX512 void item_avx512(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni) {
+  switch ((ni + 15) / 16) {
+    case 1: item512<1>(a, b, h, i0, ni); break;
+    case 2: item512<2>(a, b, h, i0, ni); break;
+    case 3: item512<3>(a, b, h, i0, ni); break;
+    default: item512<4>(a, b, h, i0, ni); break;
+  }
+}
+#endif
+
+}  // namespace
+
+at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                       const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512) {
+  TORCH_CHECK(qkv_t.scalar_type() == at::kFloat && qkv_t.dim() == 2 && qkv_t.is_contiguous(),
+              "attention_t: qkv_t must be a contiguous float32 [3*heads*head_dim, batch*seq] tensor");
+  TORCH_CHECK(batch >= 0 && seq >= 0 && heads > 0 && head_dim > 0, "attention_t: bad sizes");
+  TORCH_CHECK(qkv_t.size(0) == 3 * heads * head_dim && qkv_t.size(1) == batch * seq,
+              "attention_t: qkv_t is [", qkv_t.size(0), ", ", qkv_t.size(1), "], expected [",
+              3 * heads * head_dim, ", ", batch * seq, "]");
+  const float* mk = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() && mask->numel() == batch * seq,
+                "attention_t: mask must be a contiguous float32 [batch, seq] tensor");
+    mk = mask->data_ptr<float>();
+  }
+  at::Tensor out = at::empty({heads * head_dim, batch * seq}, qkv_t.options());
+  if (batch == 0 || seq == 0) return out;
+  Att a{qkv_t.data_ptr<float>(), mk, out.data_ptr<float>(), batch * seq, seq, heads, head_dim,
+        1.0f / std::sqrt(static_cast<float>(head_dim))};
+  const int64_t blocks = (seq + kQueries - 1) / kQueries;
+  const int64_t items = batch * heads * blocks;
+#if SB_ATT_X86
+  const bool fast = avx512;
+#else
+  const bool fast = false;
+  (void)avx512;
+#endif
+#pragma omp parallel for num_threads(static_cast<int>(std::max<int64_t>(1, num_threads))) schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t blk = it % blocks, h = (it / blocks) % heads, b = it / (blocks * heads);
+    const int64_t i0 = blk * kQueries, ni = std::min<int64_t>(kQueries, seq - i0);
+#if SB_ATT_X86
+    if (fast) {
+      item_avx512(a, b, h, i0, ni);
+      continue;
+    }
+#endif
+    item_generic(a, b, h, i0, ni);
+  }
+  return out;
+}
+
+}  // namespace sparsebert

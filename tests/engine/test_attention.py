@@ -1,0 +1,62 @@
+"""The fused attention kernel (``attention.cpp``) against torch's ``scaled_dot_product_attention``:
+odd sizes (sequence not a multiple of the 16-lane registers or the 64-query blocks, head sizes not a
+multiple of 4), padding masks, both code paths, and the engine with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsebert.engine import kernels as _kernels
+
+mod = _kernels.load()
+pytestmark = pytest.mark.skipif(mod is None, reason="compiled kernels unavailable")
+
+
+def _reference(qkv_t: torch.Tensor, b: int, s: int, h: int, d: int, mask: torch.Tensor | None) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in qkv_t.t().reshape(b, s, 3, h, d).unbind(2))  # [B, H, S, D]
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+    return ctx.permute(1, 3, 0, 2).reshape(h * d, b * s)  # feature-major, as the kernel writes it
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("b,s,h,d,masked", [(1, 128, 12, 32, False), (2, 77, 3, 64, True), (3, 5, 2, 7, True),
+                                              (1, 200, 4, 20, False), (2, 1, 2, 16, True), (2, 65, 1, 33, True)])
+def test_attention_matches_sdpa(b, s, h, d, masked, generic):
+    g = torch.Generator().manual_seed(s * 31 + d)
+    qkv_t = torch.randn(3 * h * d, b * s, generator=g) * 2
+    mask = None
+    if masked:
+        keep = torch.ones(b, s)
+        keep[0, max(1, s // 2):] = 0  # a padded sequence (never all padding)
+        mask = ((1.0 - keep) * torch.finfo(torch.float32).min).contiguous()
+    got = mod.attention_t(qkv_t, b, s, h, d, mask, 2, generic)
+    assert got.shape == (h * d, b * s)
+    assert float((got - _reference(qkv_t, b, s, h, d, mask)).abs().max()) < 1e-5
+
+
+def test_attention_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="expected"):
+        mod.attention_t(torch.randn(10, 8), 2, 4, 1, 3, None, 1, False)
+    with pytest.raises(RuntimeError, match="mask"):
+        mod.attention_t(torch.randn(9, 8), 2, 4, 1, 3, torch.zeros(3), 1, False)
+
+
+def test_engine_same_logits_with_and_without_fused_attention(tmp_path, monkeypatch):
+    from sparsebert.engine import bert, compile
+    from tests_helpers import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m", head="cls", prune=0.8, seed=3, hidden_size=48, num_attention_heads=3,
+                             intermediate_size=100)
+    ids = torch.randint(0, 1000, (2, 70), generator=torch.Generator().manual_seed(0))
+    keep = torch.ones_like(ids)
+    keep[1, 40:] = 0
+    model = compile(folder, num_threads=2)
+    outs = []
+    for off in ("", "1"):
+        monkeypatch.setenv("SPARSEBERT_NO_FUSED_ATTENTION", off)
+        bert._fused_attention.cache_clear()
+        outs.append(model(input_ids=ids, attention_mask=keep).logits)
+    bert._fused_attention.cache_clear()
+    assert float((outs[0] - outs[1]).abs().max()) < 1e-5
