@@ -3,9 +3,11 @@
 The encoder's six Linear layers per block (query/key/value fused into one ``[3H, H]`` weight,
 attention output, intermediate, output) are packed once into :class:`SparseLinear` (FP32) or
 :class:`SparseLinearInt8` (INT8), each choosing its own format from its weight (dense BLAS for
-weights too dense to gain, csr or block4 otherwise). Everything else runs as dense torch ops:
-the Hugging Face embeddings module, ``scaled_dot_product_attention``, residual adds and
-LayerNorm, pooler and task head (FP32 in both precisions).
+weights too dense to gain, csr or block4 otherwise). Attention runs in the fused kernel of
+``kernels/attention.cpp`` on AVX-512 CPUs (on feature-major Q/K/V that the QKV layer writes with
+``y_t``; its context goes to the attention-output layer as ``x_t``), else as torch's
+``scaled_dot_product_attention``; each residual add + LayerNorm is one pass (``kernels/layernorm.cpp``).
+The Hugging Face embeddings module, pooler and task head stay torch (FP32 in both precisions).
 
 Activations are token-major ``[batch * seq, H]`` (measured faster than feature-major for the FFN
 at batch 32). GELU/ReLU run in the FFN1 kernel's epilogue; in INT8 that epilogue also measures
@@ -77,6 +79,18 @@ def _fused_attention():
     return mod.attention_t
 
 
+def _add_layernorm(a: torch.Tensor, residual: torch.Tensor, ln_args: tuple) -> torch.Tensor:
+    """``LayerNorm(a + residual)`` over the last dim, in place in ``a`` (float32 ``[M, H]``, contiguous):
+    one pass a row in ``layernorm.cpp`` (~2x torch's add_ + layer_norm at batch 1), torch without kernels."""
+    from . import kernels as _kernels
+
+    mod = _kernels.load()
+    if mod is None:
+        return F.layer_norm(a.add_(residual), (a.shape[-1],), *ln_args)
+    mod.add_layernorm_(a, residual, ln_args[0], ln_args[1], ln_args[2], torch.get_num_threads(), False)
+    return a
+
+
 class _Layer:
     """One encoder block: fused QKV, attention output, FFN, two LayerNorms (plain attributes)."""
 
@@ -118,7 +132,7 @@ class _Layer:
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, heads, S, head_dim] views
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
             a = self.o.run(ctx.transpose(1, 2).reshape(batch * seq, hidden))
-        x = F.layer_norm(a.add_(x), (hidden,), *self.ln1_args)
+        x = _add_layernorm(a, x, self.ln1_args)
         fused = self.fused
         if self.int8 and fused:  # the FFN1 epilogue applies the activation and measures its range
             rng = torch.empty(2)  # per call: the model may be called from several threads
@@ -127,7 +141,7 @@ class _Layer:
         else:
             h = self.ffn1.run(x, act=fused)
             y = self.ffn2.run(h if fused else self.act_module(h))
-        return F.layer_norm(y.add_(x), (hidden,), *self.ln2_args)
+        return _add_layernorm(y, x, self.ln2_args)
 
 
 class CompiledBert(torch.nn.Module):

@@ -24,7 +24,7 @@ from types import ModuleType
 __all__ = ["load", "build_error", "SOURCES"]
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = [_HERE / "sparse_kernels.cpp", _HERE / "attention.cpp"]
+SOURCES = [_HERE / "sparse_kernels.cpp", _HERE / "attention.cpp", _HERE / "layernorm.cpp"]
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 

@@ -1329,6 +1329,8 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
 namespace sparsebert {
 at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                        const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512);  // attention.cpp
+void add_layernorm_(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                    int64_t num_threads, int isa);  // layernorm.cpp
 }
 
 namespace {
@@ -1336,6 +1338,12 @@ namespace {
 at::Tensor attention(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                      const c10::optional<at::Tensor>& mask, int64_t num_threads, bool force_generic) {
   return sparsebert::attention_t(qkv_t, batch, seq, heads, head_dim, mask, num_threads, cpu().avx512 && !force_generic);
+}
+
+void add_layernorm(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                   int64_t num_threads, bool force_generic) {
+  const int level = force_generic ? 0 : cpu().avx512 ? 2 : cpu().avx2_fma ? 1 : 0;
+  sparsebert::add_layernorm_(a, residual, gamma, beta, eps, num_threads, level);
 }
 
 std::string isa() {
@@ -1372,6 +1380,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv_t"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"),
         py::arg("mask"), py::arg("num_threads"), py::arg("force_generic") = false,
         py::call_guard<py::gil_scoped_release>());
+  m.def("add_layernorm_", &add_layernorm,
+        "a = LayerNorm(a + residual) * gamma + beta over the last dim, in place (see layernorm.cpp)",
+        py::arg("a"), py::arg("residual"), py::arg("gamma"), py::arg("beta"), py::arg("eps"),
+        py::arg("num_threads"), py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set the kernels dispatch to on this CPU");
   m.def("last_num_threads", &last_num_threads,
         "OpenMP threads that ran the last kernel call's parallel region");

@@ -1,6 +1,7 @@
-"""The fused attention kernel (``attention.cpp``) against torch's ``scaled_dot_product_attention``:
-odd sizes (sequence not a multiple of the 16-lane registers or the 64-query blocks, head sizes not a
-multiple of 4), padding masks, both code paths, and the engine with and without it."""
+"""The fused non-Linear kernels against torch: attention (``attention.cpp``) against
+``scaled_dot_product_attention`` on odd sizes (sequence not a multiple of the 16-lane registers or the
+64-query blocks, head sizes not a multiple of 4), padding masks, both code paths, and the engine with
+and without it; residual add + LayerNorm (``layernorm.cpp``) against ``F.layer_norm(a + r)``."""
 
 from __future__ import annotations
 
@@ -60,3 +61,22 @@ def test_engine_same_logits_with_and_without_fused_attention(tmp_path, monkeypat
         outs.append(model(input_ids=ids, attention_mask=keep).logits)
     bert._fused_attention.cache_clear()
     assert float((outs[0] - outs[1]).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("m,h", [(1, 7), (3, 33), (128, 384), (130, 768)])
+def test_add_layernorm_matches_torch(m, h, generic):
+    g = torch.Generator().manual_seed(m + h)
+    a, r = torch.randn(m, h, generator=g) * 3 + 1, torch.randn(m, h, generator=g)
+    gamma, beta = torch.randn(h, generator=g), torch.randn(h, generator=g)
+    expected = F.layer_norm(a + r, (h,), gamma, beta, 1e-12)
+    got = a.clone()
+    mod.add_layernorm_(got, r, gamma, beta, 1e-12, 2, generic)  # in place
+    assert float((got - expected).abs().max()) < 1e-5
+
+
+def test_add_layernorm_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="residual"):
+        mod.add_layernorm_(torch.randn(4, 8), torch.randn(4, 9), torch.ones(8), torch.zeros(8), 1e-5, 1, False)
+    with pytest.raises(RuntimeError, match="gamma"):
+        mod.add_layernorm_(torch.randn(4, 8), torch.randn(4, 8), torch.ones(7), torch.zeros(8), 1e-5, 1, False)
