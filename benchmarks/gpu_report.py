@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_report.py SUMMARY_JSON --device "one NVIDIA H200" --command "bash benchmarks/gpu_session.sh ..."
     python benchmarks/gpu_report.py CALL1/summary.json CALL2/summary.json --long --device ... --command C1 --command C2
+    python benchmarks/gpu_report.py S5/summary.json --sweep --device ... --command C
 """
 
 from __future__ import annotations
@@ -181,6 +182,38 @@ def report_long(runs: dict, curves: dict, device: str, commands: list[str]) -> N
     write_section(ROOT / "BENCHMARKS.md", "gpu_squad_long", "SQuAD v1.1 on a GPU: longer schedules, GMP vs oBERT", "\n".join(body))
 
 
+def report_sweep(runs: dict, curves: dict, device: str, commands: list[str]) -> None:
+    """Write the session-5 section (issue 3: GMP settings side by side; issue 4 rides along): ``gpu_gmp_sweep``."""
+    acc = lambda v: 100 * v["accuracy"]  # noqa: E731
+    where = (f"Device: {device}; runs of `benchmarks/gpu_runs.py` side by side on it, bf16 mixed precision (`--bf16`). "
+             "Reproduce: " + "; ".join(f"`{c}`" for c in commands) + ". Pre-trained weights: the packaged all-MiniLM-L6-v2 "
+             "(FP16 round trip, `benchmarks/gpu_carry.py`; `$MINILM` below).")
+    ref = _ref(runs, "sst2b128-dense", acc)
+    rows = [("sst2b128-dense", "(a) dense fine-tune"),
+            ("sweep-gmp-lr2e-4", "GMP (`gmp80-block4-kd.yaml`), init_lr 2e-4"),
+            ("sweep-gmp-lr4e-4", "GMP, init_lr 4e-4"),
+            ("sweep-gmp-lr2e-4-t5.5", "GMP, init_lr 2e-4, temperature 5.5"),
+            ("sweep-gmp-lr2e-4-global", "GMP, init_lr 2e-4, global_sparsity"),
+            ("sweep-gmpstar", "GMP* (`gmpstar80-block4-kd.yaml`): init 50%, 5 spaced steps, LR rewinds, T 5.5, init_lr 2e-4"),
+            ("sweep-gmpstar-global", "GMP*, global_sparsity"),
+            ("sweep-gmpstar-lr4e-4", "GMP*, init_lr 4e-4")]
+    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
+            "|---|---|---|---|---|---|")
+    body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, batch 128, seed 42, all students 80% block4 "
+            "from (a) with KD from it (hardness 1.0), the same 8 epochs; GMP prunes over the first half (cubic, mask update every "
+            "0.05 epoch, per layer unless noted), LR linear to 0; GMP* as described in its recipe. Seven students shared the GPU "
+            "(wall times are not comparable to single runs).", "", head, *(_row(runs, n, lab, acc, ref) for n, lab in rows), "",
+            "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n, _ in rows[1:]), "",
+            "SQuAD v1.1 (issue 4), same call, 36:12 article split as above (**training used dev articles**; scores on the 12 "
+            "held-out articles): oBERT 80% block4 + KD (`recipes/squad/obs80-block4-kd.yaml`) at init_lr 2e-4, 10 epochs.", "",
+            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |", "|---|---|---|---|---|---|---|",
+            _squad_row(runs, "squad-dense", "(a) dense fine-tune", "squad-dense"),
+            _squad_row(runs, "sweep-squad-obs-lr2e-4", "(b, oBERT) oBERT 80% block4 + KD, init_lr 2e-4", "squad-dense"), "",
+            _commands(runs, [n for n, _ in rows] + ["squad-dense", "sweep-squad-obs-lr2e-4"])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_gmp_sweep", "SST-2 on a GPU: which GMP settings close the gap (session 5)",
+                  "\n".join(body))
+
+
 def epoch_curves(tarball: Path) -> dict[str, list[float]]:
     """Per-run list of ``eval_validation_accuracy`` values logged by ``--eval-each-epoch``."""
     import tarfile
@@ -203,6 +236,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", required=True)
     ap.add_argument("--command", required=True, action="append", help="the device command of each call")
     ap.add_argument("--long", action="store_true", help="write the session-4 sections (batch-128 SST-2, long SQuAD)")
+    ap.add_argument("--sweep", action="store_true", help="write the session-5 section (GMP settings side by side)")
     a = ap.parse_args()
     curves: dict[str, list[float]] = {}
     runs: dict = {}
@@ -212,7 +246,9 @@ if __name__ == "__main__":
         done = {k: v for k, v in json.loads(summary.read_text())["runs"].items() if v.get("status") != "skipped"}
         runs.update(done)  # by name: the latest call's run
         runs.update({f"{k}@call{i}": v for k, v in done.items()})  # by name and call
-    if a.long:
+    if a.sweep:
+        report_sweep(runs, curves, a.device, a.command)
+    elif a.long:
         report_long(runs, curves, a.device, a.command)
     else:
         report({"runs": runs}, curves, a.device, a.command[0])

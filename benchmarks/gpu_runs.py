@@ -123,12 +123,12 @@ class Scheduler:
 
 
 def fitted_epochs(s: Scheduler, dense: str, dense_epochs: float, lo: int, hi: int, slowdown: float,
-                  extra_s: float = 0.0) -> int | None:
+                  extra_s: float = 0.0, margin_s: float = 60.0) -> int | None:
     """Epochs that fit the time left, from the dense run's measured epoch time x ``slowdown``
     (KD's teacher forward, mask updates, more runs sharing the GPU) after ``extra_s`` seconds of fixed
     cost (oBERT's Fisher passes); ``None`` below ``lo``."""
     epoch_s = s.metrics(dense)["train_wall_seconds"] / dense_epochs * slowdown
-    fit = int((s.left() - 60 - extra_s) // epoch_s)
+    fit = int((s.left() - margin_s - extra_s) // epoch_s)
     print(f"  {dense}: {epoch_s / slowdown:.0f}s/epoch measured, {fit} epochs fit the {s.left():.0f}s left", flush=True)
     return None if fit < lo else min(fit, hi)
 
@@ -278,6 +278,20 @@ def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list
         return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
                 "--split-by-article", "36:12", "--recipe", "recipes/squad/obs80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
     jobs.append(Job("sweep-squad-obs-lr2e-4", squad_args, deps=("squad-dense",)))
+
+    # Second, short call (the ~4 min of device time left): does the LR trend go on past 4e-4, and do
+    # T 5.5 and global ranking add to it? Four students, same (shorter) schedule.
+    for kind, extra in (("lr4e-4", {"init_lr": 4e-4}), ("lr8e-4", {"init_lr": 8e-4}),
+                        ("lr4e-4-t5.5-global", {"init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True}),
+                        ("lr8e-4-t5.5-global", {"init_lr": 8e-4, "temperature": 5.5, "global_sparsity": True})):
+        def short_args(s: Scheduler, extra=extra):
+            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=2, hi=8, slowdown=1.3, margin_s=25.0)
+            if n is None:
+                return None
+            kw = dict(num_epochs=float(n), prune_end=n * 0.5, **extra)
+            return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe",
+                           "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
+        jobs.append(Job(f"short-gmp-{kind}", short_args, deps=("sst2b128-dense",)))
     return jobs
 
 
