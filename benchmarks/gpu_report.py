@@ -210,6 +210,18 @@ def report_sweep(runs: dict, curves: dict, device: str, commands: list[str]) -> 
             _squad_row(runs, "squad-dense", "(a) dense fine-tune", "squad-dense"),
             _squad_row(runs, "sweep-squad-obs-lr2e-4", "(b, oBERT) oBERT 80% block4 + KD, init_lr 2e-4", "squad-dense"), "",
             _commands(runs, [n for n, _ in rows] + ["squad-dense", "sweep-squad-obs-lr2e-4"])]
+    short = [("sst2b128-dense@call2", "(a) dense fine-tune (call 2, same command)"),
+             ("short-gmp-lr4e-4", "GMP, init_lr 4e-4"), ("short-gmp-lr8e-4", "GMP, init_lr 8e-4"),
+             ("short-gmp-lr4e-4-t5.5-global", "GMP, init_lr 4e-4, temperature 5.5, global_sparsity"),
+             ("short-gmp-lr8e-4-t5.5-global", "GMP, init_lr 8e-4, temperature 5.5, global_sparsity")]
+    if any(runs.get(n) for n, _ in short[1:]):
+        ref2 = _ref(runs, short[0][0], acc)
+        body += ["", "Second call (the device time left, about 4 minutes): the same teacher command again, then four GMP "
+                 "students side by side for **3 epochs** (pruning over the first 1.5), to see whether the LR trend goes on past "
+                 "4e-4 and whether temperature 5.5 and global ranking add to it:", "", head,
+                 *(_row(runs, n, lab, acc, ref2) for n, lab in short), "",
+                 "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n, _ in short[1:]), "",
+                 _commands(runs, [n for n, _ in short[1:]])]
     write_section(ROOT / "BENCHMARKS.md", "gpu_gmp_sweep", "SST-2 on a GPU: which GMP settings close the gap (session 5)",
                   "\n".join(body))
 
