@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsebert.engine import SparseLinear, kernel_isa, kernels_available, pack_weight
 from sparsebert.engine import kernels as kernels_pkg
@@ -241,3 +242,20 @@ def test_avx2_path_when_avx512_is_switched_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] in ("avx2_fma", "generic")
+
+
+def test_dense_layer_packs_for_a_repeated_row_count_and_stays_exact():
+    """Dense-format layers switch to MKL's pre-packed sgemm once a row count repeats (PACK_AFTER_CALLS);
+    every call, packed or not, with or without transposed input/output, equals F.linear."""
+    from sparsebert.engine import sparse_linear as sl
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 33, generator=g), torch.randn(40, generator=g)
+    lin = SparseLinear.from_dense(w, b, pattern="dense")
+    for m in (7, 7, 7, 5, 7, 600, 600, 600):  # 600 > PACK_MAX_ROWS: never packed
+        x = torch.randn(m, 33, generator=g)
+        expected = F.linear(x, w, b)
+        assert torch.allclose(lin.run(x), expected, atol=1e-5)
+        assert torch.allclose(lin.run(x.t().contiguous(), x_t=True, y_t=True), expected.t(), atol=1e-5)
+    if sl._mkl_packing_available():
+        assert lin._packed.packed is not None and lin._packed.packed[0] == 7
