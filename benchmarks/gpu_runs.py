@@ -292,6 +292,29 @@ def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list
             return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe",
                            "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
         jobs.append(Job(f"short-gmp-{kind}", short_args, deps=("sst2b128-dense",)))
+
+    # Queued for the next device session (not run yet): the combination the two calls above point to,
+    # over as many epochs as fit, and oBERT on SQuAD at 4e-4.
+    for kind, extra in (("lr4e-4-t5.5-global", {"init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True}),
+                        ("lr3e-4-t5.5-global", {"init_lr": 3e-4, "temperature": 5.5, "global_sparsity": True}),
+                        ("lr4e-4-t5.5", {"init_lr": 4e-4, "temperature": 5.5})):
+        def next_args(s: Scheduler, extra=extra):
+            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=6, hi=12, slowdown=2.0)
+            if n is None:
+                return None
+            kw = dict(num_epochs=float(n), prune_end=n * 0.5, **extra)
+            return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe",
+                           "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
+        jobs.append(Job(f"next-gmp-{kind}", next_args, deps=("sst2b128-dense",)))
+
+    def next_squad_args(s: Scheduler):
+        n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=6, hi=14, slowdown=2.5, extra_s=120.0)
+        if n is None:
+            return None
+        kw = {"num_epochs": float(n), "init_lr": 4e-4, "update_frequency": obs_update_frequency(n * 0.5)}
+        return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
+                "--split-by-article", "36:12", "--recipe", "recipes/squad/obs80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
+    jobs.append(Job("next-squad-obs-lr4e-4", next_squad_args, deps=("squad-dense",)))
     return jobs
 
 
