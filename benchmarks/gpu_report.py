@@ -147,12 +147,17 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
                   "\n".join(body))
 
 
+def _where(device: str, commands: list[str]) -> str:
+    """The first line of a GPU section: device, how the runs went, the device commands that reproduce them."""
+    return (f"Device: {device}; runs of `benchmarks/gpu_runs.py` side by side on it, bf16 mixed precision (`--bf16`). "
+            "Reproduce: " + "; ".join(f"`{c}`" for c in commands) + ". Pre-trained weights: the packaged all-MiniLM-L6-v2 "
+            "(FP16 round trip, `benchmarks/gpu_carry.py`; `$MINILM` below).")
+
+
 def report_long(runs: dict, curves: dict, device: str, commands: list[str]) -> None:
     """Write the session-4 sections (issues 3 and 4 with longer GPU budgets): ``gpu_sst2_long``, ``gpu_squad_long``."""
     acc = lambda v: 100 * v["accuracy"]  # noqa: E731
-    where = (f"Device: {device}; runs of `benchmarks/gpu_runs.py` side by side on it, bf16 mixed precision (`--bf16`). "
-             "Reproduce: " + "; ".join(f"`{c}`" for c in commands) + ". Pre-trained weights: the packaged all-MiniLM-L6-v2 "
-             "(FP16 round trip, `benchmarks/gpu_carry.py`; `$MINILM` below).")
+    where = _where(device, commands)
     ref = _ref(runs, "sst2b128-dense", acc)
     names = ["sst2b128-dense", "sst2b128-gmp80-block4-kd", "sst2b128-gmp80-block4-kd-lr2e-4", "sst2b128-obs80-block4-kd",
              "sst2b128-gmp90-unstructured-kd"]
@@ -185,9 +190,7 @@ def report_long(runs: dict, curves: dict, device: str, commands: list[str]) -> N
 def report_sweep(runs: dict, curves: dict, device: str, commands: list[str]) -> None:
     """Write the session-5 section (issue 3: GMP settings side by side; issue 4 rides along): ``gpu_gmp_sweep``."""
     acc = lambda v: 100 * v["accuracy"]  # noqa: E731
-    where = (f"Device: {device}; runs of `benchmarks/gpu_runs.py` side by side on it, bf16 mixed precision (`--bf16`). "
-             "Reproduce: " + "; ".join(f"`{c}`" for c in commands) + ". Pre-trained weights: the packaged all-MiniLM-L6-v2 "
-             "(FP16 round trip, `benchmarks/gpu_carry.py`; `$MINILM` below).")
+    where = _where(device, commands)
     ref = _ref(runs, "sst2b128-dense", acc)
     rows = [("sst2b128-dense", "(a) dense fine-tune"),
             ("sweep-gmp-lr2e-4", "GMP (`gmp80-block4-kd.yaml`), init_lr 2e-4"),

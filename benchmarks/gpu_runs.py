@@ -247,74 +247,59 @@ def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list
     recovered 2 of them. Side by side, same teacher, batch and epochs: the shipped GMP recipe at 2x and 4x
     LR, with temperature 5.5, with global ranking; and GMP* (Kurtic & Alistarh 2022: big first step,
     few spaced updates, LR rewound after each, T 5.5) per-layer, global and at 4x LR. Issue 4 rides along:
-    oBERT 80% block4 on SQuAD at twice the LR (``squad-dense`` must be listed too)."""
-    b128 = ["--batch-size", "128"]
-    glue = ["train", "--task", "sst2", "--seed", "42", "--logging-steps", "50", "--eval-each-epoch"] + b128
-    variants = (("gmp-lr2e-4", "gmp80-block4-kd", {"init_lr": 2e-4}),
-                ("gmp-lr4e-4", "gmp80-block4-kd", {"init_lr": 4e-4}),
-                ("gmp-lr2e-4-t5.5", "gmp80-block4-kd", {"init_lr": 2e-4, "temperature": 5.5}),
-                ("gmp-lr2e-4-global", "gmp80-block4-kd", {"init_lr": 2e-4, "global_sparsity": True}),
-                ("gmpstar", "gmpstar80-block4-kd", {}),
-                ("gmpstar-global", "gmpstar80-block4-kd", {"global_sparsity": True}),
-                ("gmpstar-lr4e-4", "gmpstar80-block4-kd", {"init_lr": 4e-4}))
-    jobs = []
-    for kind, recipe, extra in variants:
-        def args(s: Scheduler, recipe=recipe, extra=extra):
-            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=3, hi=20, slowdown=2.0)
+    oBERT 80% block4 on SQuAD at twice the LR (``squad-dense`` must be listed too). Then ``short-...``:
+    a second, short call; ``next-...``: queued for the next device session."""
+    glue = ["train", "--task", "sst2", "--seed", "42", "--logging-steps", "50", "--eval-each-epoch", "--batch-size", "128"]
+
+    def student(recipe: str, extra: dict, lo: int, hi: int, slowdown: float, margin_s: float = 60.0):
+        """An SST-2 student of ``sst2b128-dense`` (KD from it), epochs fitted; GMP prunes over the first half."""
+        def args(s: Scheduler):
+            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=lo, hi=hi, slowdown=slowdown, margin_s=margin_s)
             if n is None:
                 return None
             kw = dict(num_epochs=float(n), **extra)
             if recipe == "gmp80-block4-kd":
                 kw["prune_end"] = n * 0.5
-            return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe", f"recipes/glue/{recipe}.yaml",
-                           "--recipe-args", json.dumps(kw)] + few
-        jobs.append(Job(f"sweep-{kind}", args, deps=("sst2b128-dense",)))
+            return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe",
+                           f"recipes/glue/{recipe}.yaml", "--recipe-args", json.dumps(kw)] + few
+        return args
 
-    def squad_args(s: Scheduler):  # issue 4 rides along: oBERT 80% block4 at 2x LR
-        n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=4, hi=14, slowdown=2.5, extra_s=120.0)
-        if n is None:
-            return None
-        kw = {"num_epochs": float(n), "init_lr": 2e-4, "update_frequency": obs_update_frequency(n * 0.5)}
-        return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
-                "--split-by-article", "36:12", "--recipe", "recipes/squad/obs80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
-    jobs.append(Job("sweep-squad-obs-lr2e-4", squad_args, deps=("squad-dense",)))
+    def squad_obs(init_lr: float, lo: int):
+        """oBERT 80% block4 + KD on SQuAD (36:12 split) from ``squad-dense``, epochs fitted."""
+        def args(s: Scheduler):
+            n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=lo, hi=14, slowdown=2.5, extra_s=120.0)
+            if n is None:
+                return None
+            kw = {"num_epochs": float(n), "init_lr": init_lr, "update_frequency": obs_update_frequency(n * 0.5)}
+            return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
+                    "--split-by-article", "36:12", "--recipe", "recipes/squad/obs80-block4-kd.yaml",
+                    "--recipe-args", json.dumps(kw)] + few
+        return args
 
+    t55_global = {"temperature": 5.5, "global_sparsity": True}
+    sweep = (("gmp-lr2e-4", "gmp80-block4-kd", {"init_lr": 2e-4}),
+             ("gmp-lr4e-4", "gmp80-block4-kd", {"init_lr": 4e-4}),
+             ("gmp-lr2e-4-t5.5", "gmp80-block4-kd", {"init_lr": 2e-4, "temperature": 5.5}),
+             ("gmp-lr2e-4-global", "gmp80-block4-kd", {"init_lr": 2e-4, "global_sparsity": True}),
+             ("gmpstar", "gmpstar80-block4-kd", {}),
+             ("gmpstar-global", "gmpstar80-block4-kd", {"global_sparsity": True}),
+             ("gmpstar-lr4e-4", "gmpstar80-block4-kd", {"init_lr": 4e-4}))
+    jobs = [Job(f"sweep-{kind}", student(recipe, extra, lo=3, hi=20, slowdown=2.0), deps=("sst2b128-dense",))
+            for kind, recipe, extra in sweep]
+    jobs.append(Job("sweep-squad-obs-lr2e-4", squad_obs(2e-4, lo=4), deps=("squad-dense",)))
     # Second, short call (the ~4 min of device time left): does the LR trend go on past 4e-4, and do
     # T 5.5 and global ranking add to it? Four students, same (shorter) schedule.
-    for kind, extra in (("lr4e-4", {"init_lr": 4e-4}), ("lr8e-4", {"init_lr": 8e-4}),
-                        ("lr4e-4-t5.5-global", {"init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True}),
-                        ("lr8e-4-t5.5-global", {"init_lr": 8e-4, "temperature": 5.5, "global_sparsity": True})):
-        def short_args(s: Scheduler, extra=extra):
-            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=2, hi=8, slowdown=1.3, margin_s=25.0)
-            if n is None:
-                return None
-            kw = dict(num_epochs=float(n), prune_end=n * 0.5, **extra)
-            return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe",
-                           "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
-        jobs.append(Job(f"short-gmp-{kind}", short_args, deps=("sst2b128-dense",)))
-
+    short = (("lr4e-4", {"init_lr": 4e-4}), ("lr8e-4", {"init_lr": 8e-4}),
+             ("lr4e-4-t5.5-global", {"init_lr": 4e-4, **t55_global}), ("lr8e-4-t5.5-global", {"init_lr": 8e-4, **t55_global}))
+    jobs += [Job(f"short-gmp-{kind}", student("gmp80-block4-kd", extra, lo=2, hi=8, slowdown=1.3, margin_s=25.0),
+                 deps=("sst2b128-dense",)) for kind, extra in short]
     # Queued for the next device session (not run yet): the combination the two calls above point to,
     # over as many epochs as fit, and oBERT on SQuAD at 4e-4.
-    for kind, extra in (("lr4e-4-t5.5-global", {"init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True}),
-                        ("lr3e-4-t5.5-global", {"init_lr": 3e-4, "temperature": 5.5, "global_sparsity": True}),
-                        ("lr4e-4-t5.5", {"init_lr": 4e-4, "temperature": 5.5})):
-        def next_args(s: Scheduler, extra=extra):
-            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=6, hi=12, slowdown=2.0)
-            if n is None:
-                return None
-            kw = dict(num_epochs=float(n), prune_end=n * 0.5, **extra)
-            return glue + ["--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe",
-                           "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
-        jobs.append(Job(f"next-gmp-{kind}", next_args, deps=("sst2b128-dense",)))
-
-    def next_squad_args(s: Scheduler):
-        n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=6, hi=14, slowdown=2.5, extra_s=120.0)
-        if n is None:
-            return None
-        kw = {"num_epochs": float(n), "init_lr": 4e-4, "update_frequency": obs_update_frequency(n * 0.5)}
-        return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
-                "--split-by-article", "36:12", "--recipe", "recipes/squad/obs80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
-    jobs.append(Job("next-squad-obs-lr4e-4", next_squad_args, deps=("squad-dense",)))
+    nxt = (("lr4e-4-t5.5-global", {"init_lr": 4e-4, **t55_global}), ("lr3e-4-t5.5-global", {"init_lr": 3e-4, **t55_global}),
+           ("lr4e-4-t5.5", {"init_lr": 4e-4, "temperature": 5.5}))
+    jobs += [Job(f"next-gmp-{kind}", student("gmp80-block4-kd", extra, lo=6, hi=12, slowdown=2.0), deps=("sst2b128-dense",))
+             for kind, extra in nxt]
+    jobs.append(Job("next-squad-obs-lr4e-4", squad_obs(4e-4, lo=6), deps=("squad-dense",)))
     return jobs
 
 
