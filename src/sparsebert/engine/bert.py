@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .loading import EngineError, load_source
 from .quantized_linear import SparseLinearInt8, reference_int8_linear
-from .sparse_linear import SparseLinear
+from .sparse_linear import PACK_MAX_ROWS, SparseLinear
 
 __all__ = ["CompiledBert", "compile_model", "int8_reference_model", "PRECISIONS"]
 
@@ -122,6 +122,8 @@ class _Layer:
     def __call__(self, x: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None) -> torch.Tensor:
         hidden = x.shape[1]
         att = _fused_attention()
+        if att is not None and self.qkv.format == "dense" and (self.int8 or x.shape[0] <= PACK_MAX_ROWS):
+            att = None  # that dense path computes token-major and would pay two transposing copies (~2x SDPA's gain)
         if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
             qkv_t = self.qkv.run(x, y_t=True)  # [3 * hidden, batch * seq]
             mask2 = None if mask is None else mask.view(batch, seq)
