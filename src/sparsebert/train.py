@@ -196,7 +196,19 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         task.save_predictions(out)
         write_json_atomic(out / "metrics.json", metrics)
+    shutdown_distributed()
     return metrics
+
+
+def shutdown_distributed() -> None:
+    """Under torchrun/accelerate: wait for every rank (rank 0 may still be saving), then destroy the process
+    group, so no rank exits with gloo's threads alive ("terminate called without an active exception",
+    SIGABRT at interpreter exit). A no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class EpochEvalCallback(TrainerCallback):

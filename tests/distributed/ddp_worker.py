@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests_helpers import tiny_config  # noqa: E402
 
 from sparsebert import SparseTrainer  # noqa: E402
+from sparsebert.train import shutdown_distributed  # noqa: E402
 
 
 class KillAfterSave(TrainerCallback):
@@ -64,6 +65,7 @@ def main():
     torch.save({"masks": masks, "weights": {n: p.detach() for n, p in model.named_parameters()}}, Path(a.out) / f"masks_rank{rank}.pt")
     if trainer.is_world_process_zero():
         trainer.save_model(str(Path(a.out) / "final"))
+    shutdown_distributed()  # a rank leaving with gloo threads alive can die with SIGABRT at exit
 
 
 if __name__ == "__main__":
