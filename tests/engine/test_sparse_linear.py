@@ -259,3 +259,9 @@ def test_dense_layer_packs_for_a_repeated_row_count_and_stays_exact():
         assert torch.allclose(lin.run(x.t().contiguous(), x_t=True, y_t=True), expected.t(), atol=1e-5)
     if sl._mkl_packing_available():
         assert lin._packed.packed is not None and lin._packed.packed[0] == 7
+    with torch.no_grad():
+        lin.weight.mul_(2)  # an in-place update (as load_state_dict does) must not reuse the old packing
+    x, w2 = torch.randn(7, 33, generator=g), lin.weight.clone()
+    assert not torch.allclose(F.linear(x, w2, b), F.linear(x, w2 / 2, b))
+    for _ in range(3):
+        assert torch.allclose(lin.run(x), F.linear(x, w2, b), atol=1e-5)

@@ -79,6 +79,11 @@ def _fused_attention():
     return mod.attention_t
 
 
+def _layernorm_args(ln: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(weight, bias, eps)`` of a LayerNorm, detached: what :func:`_add_layernorm` takes."""
+    return ln.weight.detach(), ln.bias.detach(), ln.eps
+
+
 def _add_layernorm(a: torch.Tensor, residual: torch.Tensor, ln_args: tuple) -> torch.Tensor:
     """``LayerNorm(a + residual)`` over the last dim, in place in ``a`` (float32 ``[M, H]``, contiguous):
     one pass a row in ``layernorm.cpp`` (~2x torch's add_ + layer_norm at batch 1), torch without kernels."""
@@ -104,11 +109,9 @@ class _Layer:
         self.ffn1 = make_linear(block.intermediate.dense.weight.detach(), block.intermediate.dense.bias.detach(),
                                 [block.intermediate.dense])
         self.ffn2 = make_linear(block.output.dense.weight.detach(), block.output.dense.bias.detach(), [block.output.dense])
-        self.ln1 = att.output.LayerNorm
-        self.ln2 = block.output.LayerNorm
         # Plain tensors/floats: nn.Module attribute lookups cost ~1 us each, per layer and call.
-        self.ln1_args = (self.ln1.weight.detach(), self.ln1.bias.detach(), self.ln1.eps)
-        self.ln2_args = (self.ln2.weight.detach(), self.ln2.bias.detach(), self.ln2.eps)
+        self.ln1_args = _layernorm_args(att.output.LayerNorm)
+        self.ln2_args = _layernorm_args(block.output.LayerNorm)
         self.heads = att.self.num_attention_heads
         self.head_dim = att.self.attention_head_size
         self.act = act

@@ -38,6 +38,7 @@ For chunk ``c`` and processing slot ``i`` (``0 <= i < N``; the slots of block ``
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -224,30 +225,30 @@ def _mkl_packing_available() -> bool:
 class _PackedDense:
     """``y = x @ W.T + b`` with MKL's pre-packed sgemm for one row count ``M`` (see ``PACK_MAX_ROWS``).
 
-    ``__call__(x)`` (float32 ``[M, K]``, contiguous) returns ``y`` ``[M, N]``, or ``None`` when the layer
-    has no packing for this ``M`` (yet): the caller then runs ``F.linear``. ``SPARSEBERT_NO_MKL_PACK=1``
+    ``__call__(x, weight, bias)`` (``x`` float32 ``[M, K]`` contiguous, ``weight`` ``[N, K]``) returns ``y``
+    ``[M, N]``, or ``None`` when there is no packing for this ``M`` and this weight (yet): the caller then
+    runs ``F.linear``. A packing is keyed by the weight tensor and its version counter, so a replaced or
+    in-place updated weight (``.to()``, ``load_state_dict``) is packed again. ``SPARSEBERT_NO_MKL_PACK=1``
     (read when the layer is built) turns packing off.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        import os
-
-        self.weight, self.bias = weight, bias
+    def __init__(self):
         self.enabled = _mkl_packing_available() and not os.environ.get("SPARSEBERT_NO_MKL_PACK")
-        self.packed: tuple[int, torch.Tensor] | None = None  # (M, packed weight), swapped atomically
+        # (M, weight, its version, packed weight), swapped atomically
+        self.packed: tuple[int, torch.Tensor, int, torch.Tensor] | None = None
         self.seen = (0, 0)  # (M, consecutive calls with it)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         m = x.shape[0]
         packed = self.packed
-        if packed is not None and packed[0] == m:
-            return torch.ops.mkl._mkl_linear(x, packed[1], self.weight, self.bias, m)
+        if packed is not None and packed[0] == m and packed[1] is weight and packed[2] == weight._version:
+            return torch.ops.mkl._mkl_linear(x, packed[3], weight, bias, m)
         if not self.enabled or m > PACK_MAX_ROWS or m == 0:
             return None
         self.seen = (m, self.seen[1] + 1) if self.seen[0] == m else (m, 1)
         if self.seen[1] >= PACK_AFTER_CALLS:
             try:
-                self.packed = (m, torch.ops.mkl._mkl_reorder_linear_weight(self.weight, m))
+                self.packed = (m, weight, weight._version, torch.ops.mkl._mkl_reorder_linear_weight(weight, m))
             except RuntimeError:  # an MKL build without packing support: stay on F.linear
                 self.enabled = False
         return None
@@ -287,7 +288,7 @@ class SparseLinear(torch.nn.Module):
             self.register_buffer(name, packed.get(name))
         self.register_buffer("bias", bias)
         self._dense_cache: torch.Tensor | None = None
-        self._packed: _PackedDense | None = None  # built at the first dense run() (follows load_state_dict)
+        self._packed = _PackedDense() if self.format == "dense" else None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, pattern: str = "auto",
@@ -424,10 +425,8 @@ class SparseLinear(torch.nn.Module):
         mod = _kernels.load() if self.format != "dense" else None
         if mod is None:
             with torch.no_grad():
-                if self.format == "dense" and x.shape[1 if x_t else 0] <= PACK_MAX_ROWS:
-                    if self._packed is None or self._packed.weight is not self.weight or self._packed.bias is not self.bias:
-                        self._packed = _PackedDense(self.weight, self.bias)
-                    y = self._packed(x.t().contiguous() if x_t else x)  # small copies: M <= PACK_MAX_ROWS
+                if self._packed is not None and x.shape[1 if x_t else 0] <= PACK_MAX_ROWS:
+                    y = self._packed(x.t().contiguous() if x_t else x, self.weight, self.bias)  # small copies: M <= 512
                     if y is not None:
                         return apply_epilogue(y.t().contiguous() if y_t else y, act, minmax)
                 w = self.weight if self.format == "dense" else self._fallback_weight()
