@@ -217,3 +217,35 @@ def test_parity_without_compiled_kernels(folders, monkeypatch):
         got8 = compile(folders["cls"], precision="int8")(**feeds)
     assert quantized_linear._kernels.load() is None
     assert _max_diff(got8, expected8, ["logits"]) < 1e-3 * float(expected["logits"].abs().max())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_reused_buffers_leave_earlier_outputs_alone(tmp_path, precision):
+    """Intermediates live in per-thread buffers reused between calls: repeated calls give the same
+    outputs, an output returned earlier is not overwritten by a later call, and a call with another
+    shape (or from another thread) gets its own buffers."""
+    import threading
+
+    from transformers import BertModel
+
+    folder = save_tiny_model(tmp_path / "m", head="cls", prune=0.8, seed=5, **CONFIG)
+    ref = BertModel.from_pretrained(folder).eval()
+    model = compile(ref, num_threads=2, precision=precision)
+    assert model.task_kind == "feature-extraction"
+    a, b = _inputs(2, 70, seed=1), _inputs(3, 13, seed=2)
+    first = model(**a).last_hidden_state
+    kept = first.clone()
+    second = model(**_inputs(2, 70, seed=3)).last_hidden_state  # same shape: the same buffers, new values
+    assert not torch.equal(second, kept)
+    assert torch.equal(first, kept)
+    assert torch.equal(model(**a).last_hidden_state, kept)
+    other = model(**b).last_hidden_state  # another shape
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(t=model(**a).last_hidden_state))
+    thread.start()
+    thread.join()
+    assert torch.equal(results["t"], kept) and torch.equal(model(**b).last_hidden_state, other)
+    if precision == "fp32":
+        with torch.no_grad():
+            expected = ref(**a).last_hidden_state
+        assert float((kept - expected).abs().max()) < 1e-4

@@ -35,6 +35,9 @@ def test_attention_matches_sdpa(b, s, h, d, masked, generic):
     got = mod.attention_t(qkv_t, b, s, h, d, mask, 2, generic)
     assert got.shape == (h * d, b * s)
     assert float((got - _reference(qkv_t, b, s, h, d, mask)).abs().max()) < 1e-5
+    out = torch.full((h * d, b * s), float("nan"))  # a reused buffer: every element overwritten
+    assert mod.attention_t(qkv_t, b, s, h, d, mask, 2, generic, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, got)
 
 
 def test_attention_rejects_bad_shapes():
@@ -42,6 +45,8 @@ def test_attention_rejects_bad_shapes():
         mod.attention_t(torch.randn(10, 8), 2, 4, 1, 3, None, 1, False)
     with pytest.raises(RuntimeError, match="mask"):
         mod.attention_t(torch.randn(9, 8), 2, 4, 1, 3, torch.zeros(3), 1, False)
+    with pytest.raises(RuntimeError, match="out must be"):
+        mod.attention_t(torch.randn(9, 8), 2, 4, 1, 3, None, 1, False, torch.empty(8, 3))
 
 
 def test_engine_same_logits_with_and_without_fused_attention(tmp_path, monkeypatch):

@@ -131,6 +131,21 @@ def test_fp32_run_layouts_match_dense(pattern, x_t, y_t):
     y = lin.run(x.t().contiguous() if x_t else x, x_t=x_t, y_t=y_t)
     ref = (x.double() @ w.double().T + b.double()).float()
     torch.testing.assert_close(y.t() if y_t else y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    out = torch.full((37, 70) if y_t else (70, 37), float("nan"))  # a reused buffer: every element overwritten
+    assert lin.run(x.t().contiguous() if x_t else x, x_t=x_t, y_t=y_t, out=out) is out
+    torch.testing.assert_close(out, y)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block4", "dense"])
+@pytest.mark.parametrize("y_t", [False, True])
+def test_int8_run_writes_into_out(pattern, y_t):
+    gen = torch.Generator().manual_seed(15)
+    w, b, x = _weight(37, 48, 0.85, "unstructured", gen), torch.randn(37, generator=gen), torch.randn(70, 48, generator=gen)
+    lin = SparseLinearInt8.from_dense(w, b, pattern=pattern)
+    y = lin.run(x, y_t=y_t, act="gelu")
+    out = torch.full(y.shape, float("nan"))
+    assert lin.run(x, y_t=y_t, act="gelu", out=out) is out
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
 
 
 @needs_kernels

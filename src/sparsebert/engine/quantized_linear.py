@@ -285,10 +285,11 @@ class SparseLinearInt8(torch.nn.Module):
         return self.run(x.reshape(-1, k)).view(*lead, self.out_features)
 
     def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False, act: str | None = None,
-            minmax: torch.Tensor | None = None, x_range: torch.Tensor | None = None) -> torch.Tensor:
+            minmax: torch.Tensor | None = None, x_range: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
         """2-D entry point: ``x`` float32 ``[M, K]`` (``[K, M]`` when ``x_t``) -> float32 ``[M, N]``
-        (``[N, M]`` when ``y_t``), no autograd. ``act`` / ``minmax``: the kernel epilogue, as in
-        :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when already known (e.g. the
+        (``[N, M]`` when ``y_t``), no autograd. ``act`` / ``minmax`` / ``out``: the kernel epilogue and
+        the output buffer, as in :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when already known (e.g. the
         previous layer's ``minmax``), which saves a pass over ``x``."""
         # No torch.no_grad decorator and positional kernel arguments: see SparseLinear.run.
         x = x.contiguous()
@@ -304,11 +305,12 @@ class SparseLinearInt8(torch.nn.Module):
             with torch.no_grad():
                 if self.weight_q is None:
                     self.weight_q = self.int_weight()
-                return apply_epilogue(self._dense(x, sx, zp, x_t, y_t), act, minmax)
+                y = apply_epilogue(self._dense(x, sx, zp, x_t, y_t), act, minmax)
+                return y if out is None else out.copy_(y)
         # positional after the threads: out, x_t, y_t, tile_w, force_generic, pairs, act, minmax
         return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
                            self.out_features, self.k_chunk, self.n_block, sx, zp, self.num_threads or torch.get_num_threads(),
-                           None, x_t, y_t, 64, False, self.format == "q8p", ACT_CODES[act], minmax)
+                           out, x_t, y_t, 64, False, self.format == "q8p", ACT_CODES[act], minmax)
 
     def _dense(self, x: torch.Tensor, sx: float, zp: int, x_t: bool, y_t: bool) -> torch.Tensor:
         # Integer math in float32: |sum of products| <= 127 * 127 * K < 2**24 for K <= 1040; above

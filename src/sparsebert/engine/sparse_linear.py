@@ -411,13 +411,15 @@ class SparseLinear(torch.nn.Module):
                         x_t=True, y_t=True)
 
     def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False, act: str | None = None,
-            minmax: torch.Tensor | None = None) -> torch.Tensor:
+            minmax: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Unchecked 2-D entry point for engines: ``x`` float32 ``[M, K]`` (``[K, M]`` when
-        ``x_t``) -> a new float32 ``[M, N]`` (``[N, M]`` when ``y_t``). No autograd.
+        ``x_t``) -> float32 ``[M, N]`` (``[N, M]`` when ``y_t``). No autograd.
 
         ``act``: ``None``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"relu"``, applied to the output
         in the kernel's epilogue (no extra pass over memory). ``minmax``: a float32 tensor of 2
-        elements that receives ``(min, max)`` of the output (for the next INT8 layer).
+        elements that receives ``(min, max)`` of the output (for the next INT8 layer). ``out``: a
+        contiguous float32 tensor of the output's shape to write into (an engine's reused buffer:
+        a fresh multi-MB output costs its page faults on every call); a new tensor when ``None``.
         """
         # Called ~25 times per MiniLM forward: no decorator, positional kernel arguments (pybind's
         # keyword parsing and torch.no_grad's context manager cost ~15 us a call, ~4% at batch 1).
@@ -428,19 +430,20 @@ class SparseLinear(torch.nn.Module):
                 if self._packed is not None and x.shape[1 if x_t else 0] <= PACK_MAX_ROWS:
                     y = self._packed(x.t().contiguous() if x_t else x, self.weight, self.bias)  # small copies: M <= 512
                     if y is not None:
-                        return apply_epilogue(y.t().contiguous() if y_t else y, act, minmax)
+                        y = apply_epilogue(y.t().contiguous() if y_t else y, act, minmax)
+                        return y if out is None else out.copy_(y)
                 w = self.weight if self.format == "dense" else self._fallback_weight()
                 b = self.bias
                 if y_t:  # Y^T = W @ X^T (+ b[:, None])
-                    xt = x if x_t else x.t()
-                    y = torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
-                else:
-                    y = F.linear(x.t() if x_t else x, w, b)
+                    a, m, bb = w, (x if x_t else x.t()), (None if b is None else b[:, None])
+                else:  # Y = X @ W^T (+ b), as F.linear
+                    a, m, bb = (x.t() if x_t else x), w.t(), b
+                y = torch.mm(a, m, out=out) if bb is None else torch.addmm(bb, a, m, out=out)
                 return apply_epilogue(y, act, minmax)
         # positional after the threads: out, x_t, y_t, tile_w, force_generic, act, minmax
         return mod.spmm(x, self.order, self.row_ptr, self.col, self.val, self.bias, self.out_features,
                         _FMT_CODE[self.format], self.k_chunk, self.n_block, self.num_threads or torch.get_num_threads(),
-                        None, x_t, y_t, 64, False, ACT_CODES[act], minmax)
+                        out, x_t, y_t, 64, False, ACT_CODES[act], minmax)
 
     def _dense(self, x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor | None) -> torch.Tensor:
         if out2 is None:

@@ -202,7 +202,8 @@ SB_ATT_AVX512 void item_avx512(const Att& a, int64_t b, int64_t h, int64_t i0, i
 }  // namespace
 
 at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
-                       const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512) {
+                       const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512,
+                       const c10::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(qkv_t.scalar_type() == at::kFloat && qkv_t.dim() == 2 && qkv_t.is_contiguous(),
               "attention_t: qkv_t must be a contiguous float32 [3*heads*head_dim, batch*seq] tensor");
   TORCH_CHECK(batch >= 0 && seq >= 0 && heads > 0 && head_dim > 0, "attention_t: bad sizes");
@@ -215,7 +216,15 @@ at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int6
                 "attention_t: mask must be a contiguous float32 [batch, seq] tensor");
     mk = mask->data_ptr<float>();
   }
-  at::Tensor out = at::empty({heads * head_dim, batch * seq}, qkv_t.options());
+  at::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {  // a caller's reused buffer: no fresh pages to fault in
+    out = *out_opt;
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
+                    out.size(0) == heads * head_dim && out.size(1) == batch * seq,
+                "attention_t: out must be a contiguous float32 [", heads * head_dim, ", ", batch * seq, "] tensor");
+  } else {
+    out = at::empty({heads * head_dim, batch * seq}, qkv_t.options());
+  }
   if (batch == 0 || seq == 0) return out;
   Att a{qkv_t.data_ptr<float>(), mk, out.data_ptr<float>(), batch * seq, seq, heads, head_dim,
         1.0f / std::sqrt(static_cast<float>(head_dim))};

@@ -1328,7 +1328,8 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
 
 namespace sparsebert {
 at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
-                       const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512);  // attention.cpp
+                       const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512,
+                       const c10::optional<at::Tensor>& out);  // attention.cpp
 void add_layernorm_(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
                     int64_t num_threads, int isa);  // layernorm.cpp
 }
@@ -1336,8 +1337,10 @@ void add_layernorm_(at::Tensor& a, const at::Tensor& residual, const at::Tensor&
 namespace {
 
 at::Tensor attention(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
-                     const c10::optional<at::Tensor>& mask, int64_t num_threads, bool force_generic) {
-  return sparsebert::attention_t(qkv_t, batch, seq, heads, head_dim, mask, num_threads, cpu().avx512 && !force_generic);
+                     const c10::optional<at::Tensor>& mask, int64_t num_threads, bool force_generic,
+                     const c10::optional<at::Tensor>& out) {
+  return sparsebert::attention_t(qkv_t, batch, seq, heads, head_dim, mask, num_threads, cpu().avx512 && !force_generic,
+                                 out);
 }
 
 void add_layernorm(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
@@ -1378,7 +1381,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "softmax(Q K^T / sqrt(D) + mask) V per head on feature-major activations: qkv_t [3*H*D, B*S] -> "
         "ctx_t [H*D, B*S] (see attention.cpp)",
         py::arg("qkv_t"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"),
-        py::arg("mask"), py::arg("num_threads"), py::arg("force_generic") = false,
+        py::arg("mask"), py::arg("num_threads"), py::arg("force_generic") = false, py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("add_layernorm_", &add_layernorm,
         "a = LayerNorm(a + residual) * gamma + beta over the last dim, in place (see layernorm.cpp)",
