@@ -6,7 +6,9 @@ noise hits both sides alike:
 * attention: ``kernels/attention.cpp`` on feature-major Q/K/V vs ``F.scaled_dot_product_attention`` on the
   token-major QKV output (head split as views, then the ``[B*S, H]`` context copy the next layer needs);
 * add + LayerNorm: ``kernels/layernorm.cpp`` vs ``F.layer_norm(a.add_(r))``;
-* dense GEMM: MKL's pre-packed sgemm (``torch.ops.mkl._mkl_linear``) vs ``F.linear``.
+* dense GEMM: MKL's pre-packed sgemm (``torch.ops.mkl._mkl_linear``) vs ``F.linear``;
+* sparse FFN: ``fused_ffn`` (both FFN layers in one ``spmm_ffn`` call, the hidden tile kept in cache) vs the two
+  ``SparseLinear.run`` calls (GELU in the first one's epilogue, output buffers reused as the engine does).
 
     python benchmarks/fused_ops.py            # prints the tables and writes them to BENCHMARKS.md
 """
@@ -86,6 +88,24 @@ def gemm_rows() -> list[str]:
     return rows
 
 
+def ffn_rows() -> list[str]:
+    from sparsebert.engine.sparse_linear import SparseLinear, fused_ffn
+
+    rows = []
+    for m, k, n, sparsity in ((128, 384, 1536, 0.9), (4096, 384, 1536, 0.9), (4096, 768, 3072, 0.8),
+                              (4096, 768, 3072, 0.9)):
+        w1, w2 = torch.randn(n, k), torch.randn(k, n)
+        w1[torch.rand(n, k) < sparsity] = 0
+        w2[torch.rand(k, n) < sparsity] = 0
+        first = SparseLinear.from_dense(w1, torch.randn(n), pattern="unstructured", num_threads=2)
+        second = SparseLinear.from_dense(w2, torch.randn(k), pattern="unstructured", num_threads=2)
+        x, h, out = torch.randn(m, k), torch.empty(m, n), torch.empty(m, k)
+        t_two, t_fused = ab(lambda: second.run(first.run(x, act="gelu", out=h), out=out),
+                            lambda: fused_ffn(first, second, x, "gelu", out=out), reps=20 if m < 1000 else 3)
+        rows.append(f"| {m} x {k} x {n}, {sparsity:.0%} | {t_two:.0f} | {t_fused:.0f} | {t_two / t_fused:.2f}x |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True, help="write BENCHMARKS.md")
@@ -109,11 +129,13 @@ def main() -> None:
     if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         body += ["| dense Linear, M x K x N | F.linear | MKL pre-packed (`torch.ops.mkl._mkl_linear`) | speedup |",
                  "|---|---|---|---|", *gemm_rows(), ""]
+    body += ["| sparse FFN (GELU), M x H x 4H, unstructured | two `SparseLinear.run` calls | `fused_ffn` | speedup |",
+             "|---|---|---|---|", *ffn_rows(), ""]
     body.append(f"({time.time() - t0:.0f} s)")
     text = "\n".join(body)
     print(text)
     if a.write:
-        write_section(ROOT / "BENCHMARKS.md", "engine_fused_ops", "Engine: fused attention, add + LayerNorm, packed dense GEMM", text)
+        write_section(ROOT / "BENCHMARKS.md", "engine_fused_ops", "Engine: fused attention, add + LayerNorm, packed dense GEMM, fused sparse FFN", text)
 
 
 if __name__ == "__main__":

@@ -265,3 +265,37 @@ def test_dense_layer_packs_for_a_repeated_row_count_and_stays_exact():
     assert not torch.allclose(F.linear(x, w2, b), F.linear(x, w2 / 2, b))
     for _ in range(3):
         assert torch.allclose(lin.run(x), F.linear(x, w2, b), atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("patterns", [("unstructured", "unstructured"), ("block4", "unstructured"),
+                                      ("unstructured", "block4"), ("block4", "block4")])
+@pytest.mark.parametrize("act", [None, "gelu", "relu"])
+@pytest.mark.parametrize("generic", [False, True])
+def test_fused_ffn_matches_two_layers(patterns, act, generic):
+    """spmm_ffn (both FFN layers, the hidden tile kept in cache) equals act(x W1^T + b1) W2^T + b2 on odd
+    sizes: ragged token tiles, hidden sizes not a multiple of 4 or 16, block4 padding rows."""
+    gen = torch.Generator().manual_seed(21)
+    m, k, hidden = 131, 45, 101
+    w1 = _sparse_weight(hidden, k, 0.8, gen, block4=patterns[0] == "block4")
+    w2 = _sparse_weight(k, hidden, 0.8, gen, block4=patterns[1] == "block4")
+    b1, b2, x = torch.randn(hidden, generator=gen), torch.randn(k, generator=gen), torch.randn(m, k, generator=gen)
+    first = SparseLinear.from_dense(w1, b1, pattern=patterns[0], num_threads=2)
+    second = SparseLinear.from_dense(w2, b2, pattern=patterns[1], num_threads=2)
+    h = _reference(x, w1, b1).double()
+    h = {None: h, "gelu": F.gelu(h), "relu": F.relu(h)}[act]
+    ref = (h @ w2.double().T + b2.double()).float()
+    if generic:
+        mod = kernels_pkg.load()
+        got = mod.spmm_ffn(x, first.order, first.row_ptr, first.col, first.val, first.bias, hidden,
+                           sl._FMT_CODE[first.format], first.k_chunk, first.n_block, second.order, second.row_ptr,
+                           second.col, second.val, second.bias, k, sl._FMT_CODE[second.format], second.k_chunk,
+                           second.n_block, 2, None, sl.ACT_CODES[act], True)
+    else:
+        out = torch.full((m, k), float("nan"))
+        got = sl.fused_ffn(first, second, x, act, out=out)
+        assert got is out
+    _assert_matches(got, ref)
+    assert sl.fused_ffn(first, second, x[:100], act) is None  # fewer than 64 tokens a thread: two calls instead
+    dense = SparseLinear.from_dense(w2, b2, pattern="dense")
+    assert sl.fused_ffn(first, dense, x, act) is None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .loading import EngineError, load_source
 from .quantized_linear import SparseLinearInt8, reference_int8_linear
-from .sparse_linear import PACK_MAX_ROWS, SparseLinear
+from .sparse_linear import PACK_MAX_ROWS, SparseLinear, fused_ffn
 
 __all__ = ["CompiledBert", "compile_model", "int8_reference_model", "PRECISIONS"]
 
@@ -145,6 +145,10 @@ class _Layer:
             a = self.o.run(ctx.transpose(1, 2).reshape(tokens, hidden), out=a_buf)
         x1 = _add_layernorm(a, x, self.ln1_args)  # x is dead from here: FFN2 writes its output into it
         fused = self.fused
+        if fused and not self.int8:  # both FFN layers in one kernel call: the hidden tile stays in cache
+            y = fused_ffn(self.ffn1, self.ffn2, x1, fused, out=x)
+            if y is not None:
+                return _add_layernorm(y, x1, self.ln2_args)
         h_buf = ws.get("h", tokens, self.ffn1.out_features)
         if self.int8 and fused:  # the FFN1 epilogue applies the activation and measures its range
             rng = torch.empty(2)  # per call: the model may be called from several threads

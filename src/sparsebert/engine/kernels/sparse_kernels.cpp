@@ -158,6 +158,7 @@ struct Problem {
   int act = 0;                // 0 none, 1 GELU (erf), 2 GELU (tanh approximation), 3 ReLU
   float* minmax = nullptr;    // if set: receives min(y), max(y)
   bool avx512 = false;        // FP32: run the hot loop on 512-bit registers (tiles of 16k tokens)
+  float* h_out = nullptr;     // fused FFN (spmm_ffn): finished blocks stay here, XT layout [N][W8], not stored to y
   bool vnni = false;          // INT8: run the hot loops with AVX-512 VNNI (tiles of 16k / 32k tokens)
 };
 
@@ -265,12 +266,17 @@ void item_generic(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int6
   if (!xt_ready) pack_xt_generic(p, m0, w, W8, xt);
   for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {
     const int64_t nb1 = std::min(n_end, nb0 + p.nb);
-    std::memset(yt, 0, sizeof(float) * (nb1 - nb0) * W8);
+    float* yb = p.h_out ? p.h_out + nb0 * W8 : yt;
+    std::memset(yb, 0, sizeof(float) * (nb1 - nb0) * W8);
     for (int64_t c = 0; c < p.n_kc; ++c) {
       const int32_t* rp = p.row_ptr + c * p.N;
       const int32_t* ord = p.order + c * p.N;
       for (int64_t i = nb0; i < nb1; ++i)
-        row_chunk_generic<F>(p, xt, W8, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);
+        row_chunk_generic<F>(p, xt, W8, rp[i], rp[i + 1], yb + (ord[i] - nb0) * W8);
+    }
+    if (p.h_out) {  // fused FFN: bias + activation in place, the block is the next layer's XT rows
+      finish_generic(p, yb, W8, w, nb0, nb1 - nb0, true);
+      continue;
     }
     const bool fin = p.act != 0 || p.minmax != nullptr;
     if (fin) finish_generic(p, yt, W8, w, nb0, nb1 - nb0, true);
@@ -696,12 +702,17 @@ SB_AVX512 inline void sparse_row_fma_avx512(const float* __restrict xt,
     constexpr int W8 = 8 * R;                                                                   \
     for (int64_t nb0 = n_begin; nb0 < n_end; nb0 += p.nb) {                                     \
       const int64_t nb1 = std::min(n_end, nb0 + p.nb);                                          \
-      std::memset(yt, 0, sizeof(float) * (nb1 - nb0) * W8);                                    \
+      float* yb = p.h_out ? p.h_out + nb0 * W8 : yt;                                            \
+      std::memset(yb, 0, sizeof(float) * (nb1 - nb0) * W8);                                    \
       for (int64_t c = 0; c < p.n_kc; ++c) {                                                    \
         const int32_t* rp = p.row_ptr + c * p.N;                                                \
         const int32_t* ord = p.order + c * p.N;                                                 \
         for (int64_t i = nb0; i < nb1; ++i)                                                     \
-          ROW_FMA(xt, p.col, p.val, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W8);                \
+          ROW_FMA(xt, p.col, p.val, rp[i], rp[i + 1], yb + (ord[i] - nb0) * W8);                \
+      }                                                                                         \
+      if (p.h_out) { /* fused FFN: finished in place, read as the next layer's XT rows */        \
+        finish_avx2(p, yb, W8, w, nb0, nb1 - nb0, true);                                        \
+        continue;                                                                               \
       }                                                                                         \
       const bool fin = p.act != 0 || p.minmax != nullptr;                                       \
       if (fin) finish_avx2(p, yt, W8, w, nb0, nb1 - nb0, true);                                 \
@@ -1188,6 +1199,45 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
   }
 }
 
+// Fused FFN: Y = act(X W1^T + b1) W2^T + b2 one 64-token tile at a time. The tile's hidden activations
+// H^T [N1][64] are accumulated, biased and activated in a thread-local buffer in the XT layout that the
+// second layer reads, so H never goes through memory: no [M, N1] output written, transposed and read
+// back (at M = 4096, N1 = 3072 that is 50 MB each way a layer). Same sums as two spmm calls.
+template <Format F>
+void item_any(const Problem& p, int64_t m0, int64_t w, float* xt, float* yt, bool xt_ready, bool use_avx2) {
+#if SB_X86
+  if (use_avx2) return item_avx2<F>(p, m0, w, 0, p.N, xt, yt, xt_ready);
+#endif
+  (void)use_avx2;
+  item_generic<F>(p, m0, w, 0, p.N, xt, yt, xt_ready);
+}
+
+template <Format F1, Format F2>
+void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx2) {
+  const int64_t M = p1.M;
+  const int64_t n_tiles = (M + kMaxW - 1) / kMaxW;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
+#pragma omp parallel num_threads(nt)
+  {
+    static thread_local Scratch xt_buf, yt_buf, h_buf;
+    float* xt = xt_buf.get(static_cast<size_t>(p1.Kpad) * kMaxW);
+    float* yt = yt_buf.get(static_cast<size_t>(std::max(p1.nb, p2.nb)) * kMaxW);
+    float* h = h_buf.get(static_cast<size_t>(p2.Kpad) * kMaxW);
+#pragma omp single nowait
+    g_last_threads.store(omp_get_num_threads(), std::memory_order_relaxed);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t m0 = t * kMaxW, w = std::min<int64_t>(kMaxW, M - m0);
+      const int W8 = static_cast<int>((w + 7) / 8) * 8;
+      Problem a = p1;
+      a.h_out = h;
+      if (p2.Kpad > p1.N) std::memset(h + p1.N * W8, 0, sizeof(float) * (p2.Kpad - p1.N) * W8);  // BLOCK4 padding
+      item_any<F1>(a, m0, w, xt, yt, false, use_avx2);
+      item_any<F2>(p2, m0, w, h, yt, true, use_avx2);
+    }
+  }
+}
+
 // A fresh multi-MB output is a fresh mmap: every 4 KiB page faults on first write (~1 us
 // each here, 15 ms for a 4096 x 3072 output). Where transparent huge pages are in
 // "madvise" mode, ask for 2 MiB pages on our own buffer: 512x fewer faults.
@@ -1204,18 +1254,11 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
-// Checks shared by the entry points; fills the geometry of `p` and returns the output tensor.
-at::Tensor prepare(Problem& p, const at::Tensor& x, const at::Tensor& order, const at::Tensor& row_ptr,
-                   const at::Tensor& col, const c10::optional<at::Tensor>& bias, int64_t N,
-                   int64_t k_chunk, int64_t n_block, const c10::optional<at::Tensor>& out,
-                   bool x_t, bool y_t, int64_t tile_w, bool blocked) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "spmm: x must be a contiguous float32 [M, K] (or [K, M] with x_t) tensor");
-  TORCH_CHECK(tile_w >= 8 && tile_w <= kMaxW && tile_w % 8 == 0,
-              "spmm: tile_w must be a multiple of 8 in [8, 64]");
+// Checks of a packed weight against K; fills its fields of `p` (geometry, arrays but the values).
+void set_weight(Problem& p, int64_t K, const at::Tensor& order, const at::Tensor& row_ptr, const at::Tensor& col,
+                const c10::optional<at::Tensor>& bias, int64_t N, int64_t k_chunk, int64_t n_block, bool blocked) {
   TORCH_CHECK(n_block >= kGroup && n_block % kGroup == 0, "spmm: n_block must be a multiple of 8");
   TORCH_CHECK(k_chunk > 0 && k_chunk % 4 == 0, "spmm: k_chunk must be a positive multiple of 4");
-  const int64_t M = x.size(x_t ? 1 : 0), K = x.size(x_t ? 0 : 1);
   const int64_t n_kc = std::max<int64_t>(1, (K + k_chunk - 1) / k_chunk);
   TORCH_CHECK(N >= 0 && row_ptr.numel() == n_kc * N + 1 && order.numel() == n_kc * N,
               "spmm: packed weight does not match K=", K, ", N=", N, ", k_chunk=", k_chunk);
@@ -1225,6 +1268,27 @@ at::Tensor prepare(Problem& p, const at::Tensor& x, const at::Tensor& order, con
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
                 "spmm: bias must be a contiguous float32 [N] tensor");
+  p.bias = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
+  p.order = order.data_ptr<int32_t>();
+  p.row_ptr = row_ptr.data_ptr<int32_t>();
+  p.col = col.data_ptr<int32_t>();
+  p.N = N; p.K = K;
+  p.Kpad = blocked ? (K + 3) / 4 * 4 : K;
+  p.n_kc = n_kc;
+  p.nb = n_block;
+}
+
+// Checks shared by the entry points; fills the geometry of `p` and returns the output tensor.
+at::Tensor prepare(Problem& p, const at::Tensor& x, const at::Tensor& order, const at::Tensor& row_ptr,
+                   const at::Tensor& col, const c10::optional<at::Tensor>& bias, int64_t N,
+                   int64_t k_chunk, int64_t n_block, const c10::optional<at::Tensor>& out,
+                   bool x_t, bool y_t, int64_t tile_w, bool blocked) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "spmm: x must be a contiguous float32 [M, K] (or [K, M] with x_t) tensor");
+  TORCH_CHECK(tile_w >= 8 && tile_w <= kMaxW && tile_w % 8 == 0,
+              "spmm: tile_w must be a multiple of 8 in [8, 64]");
+  const int64_t M = x.size(x_t ? 1 : 0), K = x.size(x_t ? 0 : 1);
+  set_weight(p, K, order, row_ptr, col, bias, N, k_chunk, n_block, blocked);
   at::Tensor y;
   if (out.has_value() && out->defined()) {
     y = *out;
@@ -1237,14 +1301,7 @@ at::Tensor prepare(Problem& p, const at::Tensor& x, const at::Tensor& order, con
   }
   p.x = x.data_ptr<float>();
   p.y = y.data_ptr<float>();
-  p.bias = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
-  p.order = order.data_ptr<int32_t>();
-  p.row_ptr = row_ptr.data_ptr<int32_t>();
-  p.col = col.data_ptr<int32_t>();
-  p.M = M; p.N = N; p.K = K;
-  p.Kpad = blocked ? (K + 3) / 4 * 4 : K;
-  p.n_kc = n_kc;
-  p.nb = n_block;
+  p.M = M;
   p.x_t = x_t;
   p.y_t = y_t;
   return y;
@@ -1284,6 +1341,52 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
     run<Format::CSR>(p, threads, static_cast<int>(tile_w), avx2);
   else
     run<Format::BLOCK4>(p, threads, static_cast<int>(tile_w), avx2);
+  return y;
+}
+
+at::Tensor spmm_ffn(const at::Tensor& x, const at::Tensor& order1, const at::Tensor& row_ptr1, const at::Tensor& col1,
+                    const at::Tensor& val1, const c10::optional<at::Tensor>& bias1, int64_t n1, int64_t fmt1,
+                    int64_t k_chunk1, int64_t n_block1, const at::Tensor& order2, const at::Tensor& row_ptr2,
+                    const at::Tensor& col2, const at::Tensor& val2, const c10::optional<at::Tensor>& bias2, int64_t n2,
+                    int64_t fmt2, int64_t k_chunk2, int64_t n_block2, int64_t num_threads,
+                    const c10::optional<at::Tensor>& out, int64_t act, bool force_generic) {
+  TORCH_CHECK((fmt1 == 0 || fmt1 == 1) && (fmt2 == 0 || fmt2 == 1), "spmm_ffn: fmt must be 0 (csr) or 1 (block4)");
+  TORCH_CHECK(val1.scalar_type() == at::kFloat && val2.scalar_type() == at::kFloat, "spmm_ffn: val must be float32");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "spmm_ffn: x must be a contiguous float32 [M, K] tensor");
+  const int64_t M = x.size(0);
+  Problem p1, p2;
+  set_weight(p1, x.size(1), order1, row_ptr1, col1, bias1, n1, k_chunk1, n_block1, fmt1 == 1);
+  set_weight(p2, n1, order2, row_ptr2, col2, bias2, n2, k_chunk2, n_block2, fmt2 == 1);
+  at::Tensor y;
+  if (out.has_value() && out->defined()) {
+    y = *out;
+    TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M && y.size(1) == n2,
+                "spmm_ffn: out must be a contiguous float32 [M, n2] tensor");
+  } else {
+    y = at::empty({M, n2}, x.options());
+  }
+  p2.y = y.data_ptr<float>();
+  p2.M = M;
+  p2.x_t = p2.y_t = false;
+  p1.x_t = p1.y_t = false;
+  TORCH_CHECK(val1.numel() == col1.numel() * (fmt1 == 1 ? 4 : 1) && val2.numel() == col2.numel() * (fmt2 == 1 ? 4 : 1),
+              "spmm_ffn: val does not match col");
+  p1.x = x.data_ptr<float>();
+  p1.M = M;
+  p1.y = nullptr;  // its output is the fused hidden tile
+  p1.val = val1.data_ptr<float>();
+  p2.val = val2.data_ptr<float>();
+  p2.x = nullptr;  // its input is the fused hidden tile
+  set_epilogue(p1, act, c10::nullopt);
+  if (p1.M == 0 || n2 == 0) return y;
+  const bool avx2 = cpu().avx2_fma && !force_generic;
+  p1.avx512 = p2.avx512 = avx2 && cpu().avx512;
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  if (fmt1 == 0 && fmt2 == 0) run_ffn<Format::CSR, Format::CSR>(p1, p2, threads, avx2);
+  else if (fmt1 == 0) run_ffn<Format::CSR, Format::BLOCK4>(p1, p2, threads, avx2);
+  else if (fmt2 == 0) run_ffn<Format::BLOCK4, Format::CSR>(p1, p2, threads, avx2);
+  else run_ffn<Format::BLOCK4, Format::BLOCK4>(p1, p2, threads, avx2);
   return y;
 }
 
@@ -1367,6 +1470,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("y_t") = false, py::arg("tile_w") = 64,
         py::arg("force_generic") = false, py::arg("act") = 0, py::arg("minmax") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  m.def("spmm_ffn", &spmm_ffn,
+        "Y = act(X @ W1^T + b1) @ W2^T + b2 (two packed FP32 weights, csr or block4), the hidden tile kept in cache",
+        py::arg("x"), py::arg("order1"), py::arg("row_ptr1"), py::arg("col1"), py::arg("val1"), py::arg("bias1"),
+        py::arg("n1"), py::arg("fmt1"), py::arg("k_chunk1"), py::arg("n_block1"), py::arg("order2"),
+        py::arg("row_ptr2"), py::arg("col2"), py::arg("val2"), py::arg("bias2"), py::arg("n2"), py::arg("fmt2"),
+        py::arg("k_chunk2"), py::arg("n_block2"), py::arg("num_threads"), py::arg("out") = py::none(),
+        py::arg("act") = 0, py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
   m.def("spmm_q8", &spmm_q8,
         "Y = dequant(quant(X) @ Wq^T) (+ bias): X quantized per tensor to [0, 127] with "
         "(x_scale, x_zero_point), Wq int8 quads packed like BLOCK4 (or pairs) with per-row scales wscale",
