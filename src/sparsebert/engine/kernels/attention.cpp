@@ -108,17 +108,18 @@ SB_ATT_AVX512 inline __m512 exp512(__m512 x) {
 }
 
 // Phase 1 for keys j0 .. j0+JB-1: NI registers of queries (the last one masked by `last`).
+// qs: this block's Q^T [D][kQueries] and ks: the sequence's K^T [D][S], both packed by item512.
 template <int NI, int JB>
-SB_ATT_AVX512 inline void scores512(const Att& a, const float* qt, const float* kt, const float* mask, int64_t j0,
-                                    __mmask16 last, float* p, __m512* mx) {
+SB_ATT_AVX512 inline void scores512(const Att& a, const float* qs, const float* ks, const float* mask, int64_t j0,
+                                    float* p, __m512* mx) {
   __m512 acc[JB][NI];
   for (int r = 0; r < JB; ++r)
     for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_setzero_ps();
   for (int64_t d = 0; d < a.D; ++d) {
-    const float* qd = qt + d * a.M;
-    const float* kd = kt + d * a.M + j0;
+    const float* qd = qs + d * kQueries;
+    const float* kd = ks + d * a.S + j0;
     __m512 q[NI];
-    for (int n = 0; n < NI; ++n) q[n] = _mm512_maskz_loadu_ps(n == NI - 1 ? last : __mmask16(0xFFFF), qd + 16 * n);
+    for (int n = 0; n < NI; ++n) q[n] = _mm512_load_ps(qd + 16 * n);
     for (int r = 0; r < JB; ++r) {
       const __m512 k = _mm512_set1_ps(kd[r]);
       for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_fmadd_ps(k, q[n], acc[r][n]);
@@ -165,12 +166,26 @@ SB_ATT_AVX512 void item512(const Att& a, int64_t b, int64_t h, int64_t i0, int64
   const float* kt = a.qkv + (HD + h * D) * M + c0;
   const float* vt = a.qkv + (2 * HD + h * D) * M + c0;
   const float* mask = a.mask ? a.mask + b * S : nullptr;
-  float* p = scratch(static_cast<size_t>(S) * kQueries);
+  // Scratch: P^T [S][64], then this block's Q^T [D][64] and the sequence's K^T [D][S], copied to contiguous rows.
+  // In qkv_t the rows of one head are M floats apart: at batch 32 (M = 4096) that is 16 KiB, a multiple of
+  // 4 KiB, so the D rows phase 1 sweeps all fall into one L1 set and evict each other (measured ~1.5x slower).
+  const int64_t s16 = (S + 15) / 16 * 16;
+  float* p = scratch(static_cast<size_t>(S) * kQueries + static_cast<size_t>(D) * (kQueries + s16));
+  float* qs = p + S * kQueries;
+  float* ks = qs + D * kQueries;
+  const __mmask16 s_last = static_cast<__mmask16>((1u << (S - (s16 - 16))) - 1u);
+  for (int64_t d = 0; d < D; ++d) {
+    for (int n = 0; n < NI; ++n)
+      _mm512_store_ps(qs + d * kQueries + 16 * n,
+                      _mm512_maskz_loadu_ps(n == NI - 1 ? last : __mmask16(0xFFFF), qt + d * M + 16 * n));
+    for (int64_t c = 0; c < s16; c += 16)
+      _mm512_storeu_ps(ks + d * S + c, _mm512_maskz_loadu_ps(c + 16 < s16 ? __mmask16(0xFFFF) : s_last, kt + d * M + c));
+  }
   __m512 mx[NI];
   for (int n = 0; n < NI; ++n) mx[n] = _mm512_set1_ps(-INFINITY);
   int64_t j = 0;
-  for (; j + kRows <= S; j += kRows) scores512<NI, kRows>(a, qt, kt, mask, j, last, p, mx);
-  for (; j < S; ++j) scores512<NI, 1>(a, qt, kt, mask, j, last, p, mx);
+  for (; j + kRows <= S; j += kRows) scores512<NI, kRows>(a, qs, ks, mask, j, p, mx);
+  for (; j < S; ++j) scores512<NI, 1>(a, qs, ks, mask, j, p, mx);
   __m512 l[NI];
   for (int n = 0; n < NI; ++n) l[n] = _mm512_setzero_ps();
   for (j = 0; j < S; ++j) {
