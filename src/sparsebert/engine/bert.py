@@ -31,6 +31,7 @@ import functools
 import os
 import re
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,8 @@ class CompiledBert(torch.nn.Module):
         self.layers_ = [_Layer(block, make_linear, act) for block in base.encoder.layer]
         # Register the packed modules so .to()/state_dict()/repr see them.
         self.packed = torch.nn.ModuleList(torch.nn.ModuleDict(layer.linears()) for layer in self.layers_)
-        self._workspaces: dict[int, _Workspace] = {}  # thread id -> its reused activation buffers
+        # calling thread -> its reused activation buffers (dropped with the thread)
+        self._workspaces: weakref.WeakKeyDictionary[threading.Thread, _Workspace] = weakref.WeakKeyDictionary()
 
     @property
     def layers(self) -> list[dict[str, torch.nn.Module]]:
@@ -270,7 +272,7 @@ class CompiledBert(torch.nn.Module):
                 mask = ((1.0 - attention_mask.float()) * torch.finfo(torch.float32).min).contiguous()  # [B, S]
             # One workspace per calling thread (a server may call from several); the block outputs stay in
             # the embeddings' fresh tensor, so what the call returns is never a reused buffer.
-            ws = self._workspaces.setdefault(threading.get_ident(), _Workspace()).start(batch * seq)
+            ws = self._workspaces.setdefault(threading.current_thread(), _Workspace()).start(batch * seq)
             x = x.contiguous()
             for layer in self.layers_:
                 x = layer(x, batch, seq, mask, ws)

@@ -305,20 +305,21 @@ class SparseLinearInt8(torch.nn.Module):
             with torch.no_grad():
                 if self.weight_q is None:
                     self.weight_q = self.int_weight()
-                y = apply_epilogue(self._dense(x, sx, zp, x_t, y_t), act, minmax)
-                return y if out is None else out.copy_(y)
+                y = apply_epilogue(self._dense(x, sx, zp, x_t, y_t, out), act, minmax)
+                return y if out is None or y is out else out.copy_(y)
         # positional after the threads: out, x_t, y_t, tile_w, force_generic, pairs, act, minmax
         return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
                            self.out_features, self.k_chunk, self.n_block, sx, zp, self.num_threads or torch.get_num_threads(),
                            out, x_t, y_t, 64, False, self.format == "q8p", ACT_CODES[act], minmax)
 
-    def _dense(self, x: torch.Tensor, sx: float, zp: int, x_t: bool, y_t: bool) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, sx: float, zp: int, x_t: bool, y_t: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         # Integer math in float32: |sum of products| <= 127 * 127 * K < 2**24 for K <= 1040; above
         # that the float32 sum may round (relative error ~1e-7, far below the quantization step).
         xq = _quantize_x(x, sx, zp).sub_(zp)
         if x_t:
             xq = xq.t()
-        acc = F.linear(xq, self.weight_q)  # [M, N]
+        acc = torch.mm(xq, self.weight_q.t(), out=None if y_t else out)  # [M, N]
         y = acc.mul_(self.wscale * sx)
         if self.bias is not None:
             y = y.add_(self.bias)

@@ -419,7 +419,9 @@ class SparseLinear(torch.nn.Module):
         in the kernel's epilogue (no extra pass over memory). ``minmax``: a float32 tensor of 2
         elements that receives ``(min, max)`` of the output (for the next INT8 layer). ``out``: a
         contiguous float32 tensor of the output's shape to write into (an engine's reused buffer:
-        a fresh multi-MB output costs its page faults on every call); a new tensor when ``None``.
+        a fresh multi-MB output costs its page faults on every call). Returns the output: ``out``,
+        except on the pre-packed MKL path of a dense layer (at most ``PACK_MAX_ROWS`` rows, where
+        MKL allocates its own and a copy would cost more than it saves), or a new tensor.
         """
         # Called ~25 times per MiniLM forward: no decorator, positional kernel arguments (pybind's
         # keyword parsing and torch.no_grad's context manager cost ~15 us a call, ~4% at batch 1).
@@ -430,8 +432,7 @@ class SparseLinear(torch.nn.Module):
                 if self._packed is not None and x.shape[1 if x_t else 0] <= PACK_MAX_ROWS:
                     y = self._packed(x.t().contiguous() if x_t else x, self.weight, self.bias)  # small copies: M <= 512
                     if y is not None:
-                        y = apply_epilogue(y.t().contiguous() if y_t else y, act, minmax)
-                        return y if out is None else out.copy_(y)
+                        return apply_epilogue(y.t().contiguous() if y_t else y, act, minmax)
                 w = self.weight if self.format == "dense" else self._fallback_weight()
                 b = self.bias
                 if y_t:  # Y^T = W @ X^T (+ b[:, None])
