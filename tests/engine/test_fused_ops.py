@@ -85,3 +85,17 @@ def test_add_layernorm_rejects_bad_shapes():
         mod.add_layernorm_(torch.randn(4, 8), torch.randn(4, 9), torch.ones(8), torch.zeros(8), 1e-5, 1, False)
     with pytest.raises(RuntimeError, match="gamma"):
         mod.add_layernorm_(torch.randn(4, 8), torch.randn(4, 8), torch.ones(7), torch.zeros(8), 1e-5, 1, False)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("rows,cols", [(128, 1152), (384, 128), (3, 5), (17, 9), (130, 77), (1, 1), (0, 4)])
+def test_transpose_matches_torch(rows, cols, generic):
+    """The kernels' transpose (8x8 register blocks, scalar edges, row panels over threads) equals x.T."""
+    from sparsebert.engine.sparse_linear import transpose
+
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 7 + cols))
+    assert torch.equal(mod.transpose(x, 2, None, generic), x.t().contiguous())
+    out = torch.full((cols, rows), float("nan"))
+    assert transpose(x, 2, out=out) is out and torch.equal(out, x.t())
+    with pytest.raises(RuntimeError, match="out must be"):
+        mod.transpose(x, 2, torch.empty(rows + 1, cols))

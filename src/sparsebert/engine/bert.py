@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .loading import EngineError, load_source
 from .quantized_linear import SparseLinearInt8, reference_int8_linear
-from .sparse_linear import PACK_MAX_ROWS, SparseLinear, fused_ffn
+from .sparse_linear import SparseLinear, fused_ffn
 
 __all__ = ["CompiledBert", "compile_model", "int8_reference_model", "PRECISIONS"]
 
@@ -133,9 +133,7 @@ class _Layer:
         """``x`` float32 ``[batch * seq, hidden]`` -> the block's output, written into ``x`` itself (its
         last reader is the first residual add); intermediates go to the buffers of ``ws``."""
         tokens, hidden = x.shape
-        att = _fused_attention()
-        if att is not None and self.qkv.format == "dense" and (self.int8 or tokens <= PACK_MAX_ROWS):
-            att = None  # that dense path computes token-major and would pay two transposing copies (~2x SDPA's gain)
+        att = _fused_attention()  # dense layers compute token-major: their run() transposes (kernels' 8x8 transposes)
         a_buf = ws.get("a", tokens, hidden)
         if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
             qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens))  # [3 * hidden, batch * seq]

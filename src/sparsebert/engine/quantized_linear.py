@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels as _kernels
-from .sparse_linear import ACT_CODES, DEFAULT_N_BLOCK, _check_n_m, _pack_sorted, apply_epilogue
+from .sparse_linear import ACT_CODES, DEFAULT_N_BLOCK, _check_n_m, _pack_sorted, apply_epilogue, transpose
 
 __all__ = ["SparseLinearInt8", "quantize_weight", "activation_qparams_7bit", "reference_int8_linear"]
 
@@ -323,4 +323,4 @@ class SparseLinearInt8(torch.nn.Module):
         y = acc.mul_(self.wscale * sx)
         if self.bias is not None:
             y = y.add_(self.bias)
-        return y.t().contiguous() if y_t else y
+        return transpose(y, self.num_threads, out) if y_t else y
