@@ -25,6 +25,7 @@ __all__ = ["load", "build_error", "SOURCES"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = [_HERE / "sparse_kernels.cpp", _HERE / "attention.cpp", _HERE / "layernorm.cpp"]
+HEADERS = [_HERE / "simd_math.h"]  # part of the build key: a header change rebuilds
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 
@@ -44,7 +45,7 @@ def _build_key() -> str:
     import torch
 
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     h.update(torch.__version__.encode())

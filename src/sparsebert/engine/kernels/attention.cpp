@@ -32,6 +32,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define SB_ATT_X86 1
 #include <immintrin.h>
+#include "simd_math.h"
 #define SB_ATT_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
 #else
 #define SB_ATT_X86 0
@@ -88,25 +89,6 @@ void item_generic(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni) {
 }
 
 #if SB_ATT_X86
-// exp(x) on 16 lanes (Cephes polynomial, as exp_avx2 in sparse_kernels.cpp); inputs below -86 give
-// ~4e-38, so masked keys weigh nothing and no denormals appear.
-SB_ATT_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-86.0f)), _mm512_set1_ps(88.3f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
-
 // Phase 1 for keys j0 .. j0+JB-1: NI registers of queries (the last one masked by `last`).
 // qs: this block's Q^T [D][kQueries] and ks: the sequence's K^T [D][S], both packed by item512.
 template <int NI, int JB>
@@ -191,7 +173,7 @@ SB_ATT_AVX512 void item512(const Att& a, int64_t b, int64_t h, int64_t i0, int64
   for (j = 0; j < S; ++j) {
     for (int n = 0; n < NI; ++n) {
       float* pj = p + j * kQueries + 16 * n;
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_load_ps(pj), mx[n]));
+      const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_load_ps(pj), mx[n]));
       _mm512_store_ps(pj, e);
       l[n] = _mm512_add_ps(l[n], e);
     }

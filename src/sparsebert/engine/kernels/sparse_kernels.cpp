@@ -81,6 +81,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define SB_X86 1
 #include <immintrin.h>
+#include "simd_math.h"
 #define SB_AVX2 __attribute__((target("avx2,fma")))
 #define SB_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #define SB_VNNI __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma")))
@@ -638,23 +639,6 @@ SB_AVX2 void finish_avx2(const Problem& p, float* yt, int W, int64_t w, int64_t 
 
 // AVX-512 epilogue: the AVX2 one on 16-float registers (same polynomials), for the AVX-512 rows, whose
 // W is a multiple of 16. The FFN1 GELU over [M, 4H] outputs costs ~20% of that layer on 8-float registers.
-SB_AVX512 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-86.0f)), _mm512_set1_ps(88.3f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
-
 SB_AVX512 inline __m512 rcp_avx512(__m512 d) {  // 14-bit estimate + one Newton step
   const __m512 r = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
@@ -683,7 +667,7 @@ SB_AVX512 inline __m512 act_avx512(__m512 v) {
   if constexpr (ACT == 2) {  // as act_avx2<2>
     const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
                                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));
-    const __m512 e = exp_avx512(_mm512_add_ps(u, u));
+    const __m512 e = sparsebert::exp_avx512(_mm512_add_ps(u, u));
     const __m512 r = rcp_avx512(_mm512_add_ps(e, _mm512_set1_ps(1.0f)));
     const __m512 th = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), r, _mm512_set1_ps(1.0f));
     return _mm512_fmadd_ps(half_v, th, half_v);
