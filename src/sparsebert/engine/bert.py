@@ -197,7 +197,9 @@ class CompiledBert(torch.nn.Module):
     ``QuestionAnsweringModelOutput`` (``start_logits``/``end_logits`` ``[batch, seq]``) or
     ``BaseModelOutputWithPooling`` (``last_hidden_state`` ``[batch, seq, H]``, ``pooler_output``),
     float32. Runs under ``torch.inference_mode`` with ``num_threads`` torch/OpenMP threads
-    (``None``: torch's current setting), restoring torch's setting afterwards.
+    (``None``: torch's current setting), restoring torch's setting afterwards. Each calling thread keeps
+    the intermediate buffers of its last call's shape (~110 MB for bert-base at batch 32 x 128), reused
+    by its next calls and freed with the thread; returned tensors are never such buffers.
 
     Attributes: ``task_kind``, ``precision``, ``num_threads``, ``config``, ``source`` (folder or
     ``None``), ``layers`` (per block a dict name -> packed Linear module).
