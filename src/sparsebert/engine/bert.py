@@ -130,8 +130,9 @@ class _Layer:
 
     def __call__(self, x: torch.Tensor, batch: int, seq: int, mask: torch.Tensor | None,
                  ws: "_Workspace") -> torch.Tensor:
-        """``x`` float32 ``[batch * seq, hidden]`` -> the block's output, written into ``x`` itself (its
-        last reader is the first residual add); intermediates go to the buffers of ``ws``."""
+        """``x`` float32 ``[batch * seq, hidden]`` -> the block's output: written into ``x`` itself (its last
+        reader is the first residual add) unless the FFN2 layer allocates its own (dense MKL path, no kernels);
+        never one of the buffers of ``ws``, where the intermediates go."""
         tokens, hidden = x.shape
         att = _fused_attention()  # dense layers compute token-major: their run() transposes (kernels' 8x8 transposes)
         a_buf = ws.get("a", tokens, hidden)
@@ -167,8 +168,7 @@ class _Workspace:
     """Reused activation buffers of one thread's forward calls (the role of ONNX Runtime's memory arena).
 
     A fresh multi-MB tensor is fresh memory from the OS: every page faults in on first write, and at
-    batch 32 the encoder's intermediates (~110 MB a layer for bert-base) cost ~10% of the forward that
-    way. ``get(name, rows, cols)`` returns the float32 ``[rows, cols]`` buffer ``name``, kept between
+    batch 32 the encoder's intermediates are ~110 MB a layer for bert-base. ``get(name, rows, cols)`` returns the float32 ``[rows, cols]`` buffer ``name``, kept between
     calls; a call with another token count replaces them all, so memory stays one call's worth.
     """
 
