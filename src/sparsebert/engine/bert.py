@@ -134,7 +134,7 @@ class _Layer:
         reader is the first residual add) unless the FFN2 layer allocates its own (dense MKL path, no kernels);
         never one of the buffers of ``ws``, where the intermediates go."""
         tokens, hidden = x.shape
-        att = _fused_attention()  # dense layers compute token-major: their run() transposes (kernels' 8x8 transposes)
+        att = _fused_attention()  # dense-format layers feed it too: their run() transposes for y_t / x_t
         a_buf = ws.get("a", tokens, hidden)
         if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
             qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens))  # [3 * hidden, batch * seq]
@@ -168,8 +168,9 @@ class _Workspace:
     """Reused activation buffers of one thread's forward calls (the role of ONNX Runtime's memory arena).
 
     A fresh multi-MB tensor is fresh memory from the OS: every page faults in on first write, and at
-    batch 32 the encoder's intermediates are ~110 MB a layer for bert-base. ``get(name, rows, cols)`` returns the float32 ``[rows, cols]`` buffer ``name``, kept between
-    calls; a call with another token count replaces them all, so memory stays one call's worth.
+    batch 32 the encoder's intermediates are ~110 MB a layer for bert-base. ``get(name, rows, cols)``
+    returns the float32 ``[rows, cols]`` buffer ``name``, kept between calls; a call with another token
+    count replaces them all, so memory stays one call's worth.
     """
 
     def __init__(self):

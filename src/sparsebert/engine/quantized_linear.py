@@ -289,8 +289,8 @@ class SparseLinearInt8(torch.nn.Module):
             out: torch.Tensor | None = None) -> torch.Tensor:
         """2-D entry point: ``x`` float32 ``[M, K]`` (``[K, M]`` when ``x_t``) -> float32 ``[M, N]``
         (``[N, M]`` when ``y_t``), no autograd. ``act`` / ``minmax`` / ``out``: the kernel epilogue and
-        the output buffer, as in :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when already known (e.g. the
-        previous layer's ``minmax``), which saves a pass over ``x``."""
+        the output buffer, as in :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when
+        already known (e.g. the previous layer's ``minmax``), which saves a pass over ``x``."""
         # No torch.no_grad decorator and positional kernel arguments: see SparseLinear.run.
         x = x.contiguous()
         sx, zp = activation_qparams_7bit(x, x_range)

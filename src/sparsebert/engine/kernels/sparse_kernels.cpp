@@ -638,7 +638,7 @@ SB_AVX2 void finish_avx2(const Problem& p, float* yt, int W, int64_t w, int64_t 
 }
 
 // AVX-512 epilogue: the AVX2 one on 16-float registers (same polynomials), for the AVX-512 rows, whose
-// W is a multiple of 16. The FFN1 GELU over [M, 4H] outputs costs ~20% of that layer on 8-float registers.
+// W is a multiple of 16 (the FFN1 GELU runs over every one of the [M, 4H] outputs).
 SB_AVX512 inline __m512 rcp_avx512(__m512 d) {  // 14-bit estimate + one Newton step
   const __m512 r = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
@@ -1209,6 +1209,17 @@ SB_AVX2 void item_q8p_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_be
 // Driver: work split and threading.
 // --------------------------------------------------------------------------------------
 
+// An FP32 work item (output rows [n_begin, n_end) of one M tile) on the chosen code path.
+template <Format F>
+void item_fp32(const Problem& p, int64_t m0, int64_t w, int64_t n_begin, int64_t n_end, float* xt, float* yt,
+               bool xt_ready, bool use_avx2) {
+#if SB_X86
+  if (use_avx2) return item_avx2<F>(p, m0, w, n_begin, n_end, xt, yt, xt_ready);
+#endif
+  (void)use_avx2;
+  item_generic<F>(p, m0, w, n_begin, n_end, xt, yt, xt_ready);
+}
+
 template <Format F>
 void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
   const int64_t M = p.M, N = p.N;
@@ -1266,14 +1277,7 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
         item_q8_generic(p, m0, w, n_begin, n_end, xq, acc, ready);
 #endif
       } else {
-#if SB_X86
-        if (use_avx2)
-          item_avx2<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
-        else
-          item_generic<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
-#else
-        item_generic<F>(p, m0, w, n_begin, n_end, xt, yt, ready);
-#endif
+        item_fp32<F>(p, m0, w, n_begin, n_end, xt, yt, ready, use_avx2);
       }
       cached_tile = t;
     }
@@ -1295,15 +1299,6 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
 // H^T [N1][64] are accumulated, biased and activated in a thread-local buffer in the XT layout that the
 // second layer reads, so H never goes through memory: no [M, N1] output written, transposed and read
 // back (at M = 4096, N1 = 3072 that is 50 MB each way a layer). Same sums as two spmm calls.
-template <Format F>
-void item_any(const Problem& p, int64_t m0, int64_t w, float* xt, float* yt, bool xt_ready, bool use_avx2) {
-#if SB_X86
-  if (use_avx2) return item_avx2<F>(p, m0, w, 0, p.N, xt, yt, xt_ready);
-#endif
-  (void)use_avx2;
-  item_generic<F>(p, m0, w, 0, p.N, xt, yt, xt_ready);
-}
-
 template <Format F1, Format F2>
 void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx2) {
   const int64_t M = p1.M;
@@ -1324,8 +1319,8 @@ void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx
       Problem a = p1;
       a.h_out = h;
       if (p2.Kpad > p1.N) std::memset(h + p1.N * W8, 0, sizeof(float) * (p2.Kpad - p1.N) * W8);  // BLOCK4 padding
-      item_any<F1>(a, m0, w, xt, yt, false, use_avx2);
-      item_any<F2>(p2, m0, w, h, yt, true, use_avx2);
+      item_fp32<F1>(a, m0, w, 0, p1.N, xt, yt, false, use_avx2);
+      item_fp32<F2>(p2, m0, w, 0, p2.N, h, yt, true, use_avx2);
     }
   }
 }
@@ -1344,6 +1339,20 @@ void advise_huge_pages(void* ptr, size_t bytes) {
   (void)ptr;
   (void)bytes;
 #endif
+}
+
+// The float32 [rows, cols] output of an entry point: the caller's `out` (checked), else a new tensor.
+at::Tensor output_tensor(const c10::optional<at::Tensor>& out, int64_t rows, int64_t cols, const at::Tensor& like,
+                         const char* what) {
+  if (out.has_value() && out->defined()) {
+    TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->dim() == 2 && out->size(0) == rows &&
+                    out->size(1) == cols,
+                what, ": out must be a contiguous float32 [", rows, ", ", cols, "] tensor");
+    return *out;
+  }
+  at::Tensor y = at::empty({rows, cols}, like.options());
+  advise_huge_pages(y.data_ptr<float>(), static_cast<size_t>(rows) * cols * sizeof(float));
+  return y;
 }
 
 // Checks of a packed weight against K; fills its fields of `p` (geometry, arrays but the values).
@@ -1381,16 +1390,7 @@ at::Tensor prepare(Problem& p, const at::Tensor& x, const at::Tensor& order, con
               "spmm: tile_w must be a multiple of 8 in [8, 64]");
   const int64_t M = x.size(x_t ? 1 : 0), K = x.size(x_t ? 0 : 1);
   set_weight(p, K, order, row_ptr, col, bias, N, k_chunk, n_block, blocked);
-  at::Tensor y;
-  if (out.has_value() && out->defined()) {
-    y = *out;
-    TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 &&
-                    y.size(0) == (y_t ? N : M) && y.size(1) == (y_t ? M : N),
-                "spmm: out must be a contiguous float32 [M, N] (or [N, M] with y_t) tensor");
-  } else {
-    y = y_t ? at::empty({N, M}, x.options()) : at::empty({M, N}, x.options());
-    advise_huge_pages(y.data_ptr<float>(), static_cast<size_t>(M) * N * sizeof(float));
-  }
+  at::Tensor y = output_tensor(out, y_t ? N : M, y_t ? M : N, x, "spmm");
   p.x = x.data_ptr<float>();
   p.y = y.data_ptr<float>();
   p.M = M;
@@ -1438,15 +1438,7 @@ at::Tensor transpose(const at::Tensor& x, int64_t num_threads, const c10::option
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "transpose: x must be a contiguous float32 [R, C] tensor");
   const int64_t R = x.size(0), C = x.size(1);
-  at::Tensor out;
-  if (out_opt.has_value() && out_opt->defined()) {
-    out = *out_opt;
-    TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == C &&
-                    out.size(1) == R,
-                "transpose: out must be a contiguous float32 [", C, ", ", R, "] tensor");
-  } else {
-    out = at::empty({C, R}, x.options());
-  }
+  at::Tensor out = output_tensor(out_opt, C, R, x, "transpose");
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const int64_t panels = (R + 7) / 8;  // 8-row panels, the unit of work
@@ -1501,34 +1493,25 @@ at::Tensor spmm_ffn(const at::Tensor& x, const at::Tensor& order1, const at::Ten
                     const c10::optional<at::Tensor>& out, int64_t act, bool force_generic) {
   TORCH_CHECK((fmt1 == 0 || fmt1 == 1) && (fmt2 == 0 || fmt2 == 1), "spmm_ffn: fmt must be 0 (csr) or 1 (block4)");
   TORCH_CHECK(val1.scalar_type() == at::kFloat && val2.scalar_type() == at::kFloat, "spmm_ffn: val must be float32");
+  TORCH_CHECK(val1.numel() == col1.numel() * (fmt1 == 1 ? 4 : 1) && val2.numel() == col2.numel() * (fmt2 == 1 ? 4 : 1),
+              "spmm_ffn: val does not match col");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "spmm_ffn: x must be a contiguous float32 [M, K] tensor");
   const int64_t M = x.size(0);
   Problem p1, p2;
   set_weight(p1, x.size(1), order1, row_ptr1, col1, bias1, n1, k_chunk1, n_block1, fmt1 == 1);
   set_weight(p2, n1, order2, row_ptr2, col2, bias2, n2, k_chunk2, n_block2, fmt2 == 1);
-  at::Tensor y;
-  if (out.has_value() && out->defined()) {
-    y = *out;
-    TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M && y.size(1) == n2,
-                "spmm_ffn: out must be a contiguous float32 [M, n2] tensor");
-  } else {
-    y = at::empty({M, n2}, x.options());
-  }
-  p2.y = y.data_ptr<float>();
-  p2.M = M;
-  p2.x_t = p2.y_t = false;
-  p1.x_t = p1.y_t = false;
-  TORCH_CHECK(val1.numel() == col1.numel() * (fmt1 == 1 ? 4 : 1) && val2.numel() == col2.numel() * (fmt2 == 1 ? 4 : 1),
-              "spmm_ffn: val does not match col");
+  at::Tensor y = output_tensor(out, M, n2, x, "spmm_ffn");
   p1.x = x.data_ptr<float>();
-  p1.M = M;
   p1.y = nullptr;  // its output is the fused hidden tile
+  p2.x = nullptr;  // its input is that tile
+  p2.y = y.data_ptr<float>();
+  p1.M = p2.M = M;
+  p1.x_t = p1.y_t = p2.x_t = p2.y_t = false;  // token-major input and output
   p1.val = val1.data_ptr<float>();
   p2.val = val2.data_ptr<float>();
-  p2.x = nullptr;  // its input is the fused hidden tile
   set_epilogue(p1, act, c10::nullopt);
-  if (p1.M == 0 || n2 == 0) return y;
+  if (M == 0 || n2 == 0) return y;
   const bool avx2 = cpu().avx2_fma && !force_generic;
   p1.avx512 = p2.avx512 = avx2 && cpu().avx512;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
