@@ -5,7 +5,7 @@ depend on the values) is timed
 
 * default: in this process (the best ISA of the CPU) and in a child started with ``SPARSEBERT_NO_AVX512=1``
   (AVX2 loops);
-* ``--against REV``: with this checkout's kernels and with ``sparse_kernels.cpp`` of git revision REV, both
+* ``--against REV``: with this checkout's kernels and with the kernel sources of git revision REV, both
   built and loaded in this one process and timed in alternation (5 rounds, best of each), so machine noise
   hits both alike.
 
@@ -73,13 +73,19 @@ def against(rev: str) -> None:
 
     import sparsebert.engine.kernels as kernels
 
-    src = subprocess.run(["git", "show", f"{rev}:src/sparsebert/engine/kernels/sparse_kernels.cpp"], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout
+
+    # Every kernel source and header of REV (sparse_kernels.cpp includes headers; it also calls the other units).
     build = Path(tempfile.mkdtemp(prefix="sparsebert_ab_"))
-    (build / "sparse_kernels.cpp").write_text(src)
+    folder = "src/sparsebert/engine/kernels/"
+    for path in git("ls-tree", "--name-only", rev, folder).split():
+        if path.endswith((".cpp", ".h")):
+            (build / Path(path).name).write_text(git("show", f"{rev}:{path}"))
     new = kernels.load()
-    old = load(name="sparsebert_kernels_ab_old", sources=[str(build / "sparse_kernels.cpp")], extra_cflags=kernels._CFLAGS,
-               extra_ldflags=kernels._LDFLAGS, build_directory=str(build))
+    old = load(name="sparsebert_kernels_ab_old", sources=sorted(str(f) for f in build.glob("*.cpp")),
+               extra_cflags=kernels._CFLAGS, extra_ldflags=kernels._LDFLAGS, build_directory=str(build))
 
     print(f"| layer (M x K x N) | {rev} (ms) | this checkout (ms) | speedup |\n|---|---|---|---|")
     for label, lin, x in _layers():
