@@ -3,6 +3,7 @@
     python benchmarks/gpu_report.py SUMMARY_JSON --device "one NVIDIA H200" --command "bash benchmarks/gpu_session.sh ..."
     python benchmarks/gpu_report.py CALL1/summary.json CALL2/summary.json --long --device ... --command C1 --command C2
     python benchmarks/gpu_report.py S5/summary.json --sweep --device ... --command C
+    python benchmarks/gpu_report.py S7/summary.json --next S7_CALL2_DIR --device ... --command C1 --command C2
 """
 
 from __future__ import annotations
@@ -229,6 +230,56 @@ def report_sweep(runs: dict, curves: dict, device: str, commands: list[str]) -> 
                   "\n".join(body))
 
 
+def runs_from_logs(folder: Path) -> tuple[dict, dict[str, list[float]]]:
+    """Runs started by hand on a device (not through ``gpu_runs.py``): ``NAME.metrics.json`` per run, its CLI
+    output in ``logs.tar.gz`` as ``NAME.log`` (the per-epoch ``eval_validation_accuracy`` lines are read from it)."""
+    import re
+    import tarfile
+
+    runs = {p.name.removesuffix(".metrics.json"): {"status": "ok", "metrics": json.loads(p.read_text())}
+            for p in sorted(folder.glob("*.metrics.json"))}
+    curves: dict[str, list[float]] = {}
+    with tarfile.open(folder / "logs.tar.gz") as tar:
+        for member in tar.getmembers():
+            text = tar.extractfile(member).read().decode(errors="replace")
+            found = re.findall(r"'eval_validation_accuracy': '([0-9.]+)'", text)
+            curves[member.name.removesuffix(".log")] = [float(a) for a in found]
+    return runs, curves
+
+
+def report_next(runs: dict, curves: dict, device: str, commands: list[str]) -> None:
+    """Write the session-7 section (issue 3: session 5's best GMP settings combined, longer; issue 4: oBERT on
+    SQuAD at init_lr 4e-4): ``gpu_gmp_next``. ``runs``/``curves`` hold call 1 (``gpu_runs.py``) and call 2
+    (:func:`runs_from_logs`)."""
+    acc = lambda v: 100 * v["accuracy"]  # noqa: E731
+    ref = _ref(runs, "sst2b128-dense", acc)
+    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
+            "|---|---|---|---|---|---|")
+    rows1 = [("sst2b128-dense", "(a) dense fine-tune"),
+             ("next-gmp-lr4e-4-t5.5-global", "GMP, init_lr 4e-4, temperature 5.5, global_sparsity, prune to epoch 4.5"),
+             ("next-gmp-lr3e-4-t5.5-global", "GMP, init_lr 3e-4, temperature 5.5, global_sparsity, prune to epoch 4.5"),
+             ("next-gmp-lr4e-4-t5.5", "GMP, init_lr 4e-4, temperature 5.5 (per layer), prune to epoch 4.5")]
+    rows2 = [("s7-lr4e-4-t5.5-global-10ep", "GMP, init_lr 4e-4, temperature 5.5, global_sparsity, prune to epoch 5"),
+             ("s7-lr4e-4-t5.5-global-10ep-pe4", "GMP, init_lr 4e-4, temperature 5.5, global_sparsity, prune to epoch 4"),
+             ("s7-lr5e-4-t5.5-global-10ep", "GMP, init_lr 5e-4, temperature 5.5, global_sparsity, prune to epoch 5")]
+    body = [_where(device, commands[:1]) + " Call 2 (the same warm machine, the device time left) ran three more students "
+            f"from call 1's teacher by hand: `{commands[1]}`.", "",
+            "SST-2, full train set (67,349), full dev (872), seq 128, batch 128, seed 42, students 80% block4 from (a) with "
+            "KD from it (hardness 1.0), `recipes/glue/gmp80-block4-kd.yaml` with the overrides below (cubic pruning from "
+            "epoch 0, mask update every 0.05 epoch, LR linear to 0). Call 1: 3 students + the SQuAD run shared the GPU, "
+            "9 epochs fitted; call 2: 3 students, 10 epochs.", "", head,
+            *(_row(runs, n, lab, acc, ref) for n, lab in rows1 + rows2), "",
+            "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n, _ in rows1[1:] + rows2), "",
+            "SQuAD v1.1 (issue 4), call 1, 36:12 article split (**training used dev articles**; scores on the 12 held-out "
+            "articles): oBERT 80% block4 + KD at init_lr 4e-4 (session 5: 2e-4, 10 epochs, F1 -3.02).", "",
+            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |", "|---|---|---|---|---|---|---|",
+            _squad_row(runs, "squad-dense", "(a) dense fine-tune", "squad-dense"),
+            _squad_row(runs, "next-squad-obs-lr4e-4", "(b, oBERT) oBERT 80% block4 + KD, init_lr 4e-4", "squad-dense"), "",
+            _commands(runs, [n for n, _ in rows1] + ["squad-dense", "next-squad-obs-lr4e-4"])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_gmp_next", "SST-2 on a GPU: session 5's best GMP settings combined (session 7)",
+                  "\n".join(body))
+
+
 def epoch_curves(tarball: Path) -> dict[str, list[float]]:
     """Per-run list of ``eval_validation_accuracy`` values logged by ``--eval-each-epoch``."""
     import tarfile
@@ -252,6 +303,8 @@ if __name__ == "__main__":
     ap.add_argument("--command", required=True, action="append", help="the device command of each call")
     ap.add_argument("--long", action="store_true", help="write the session-4 sections (batch-128 SST-2, long SQuAD)")
     ap.add_argument("--sweep", action="store_true", help="write the session-5 section (GMP settings side by side)")
+    ap.add_argument("--next", type=Path, metavar="CALL2_DIR",
+                    help="write the session-7 section; CALL2_DIR holds the hand-started runs (see runs_from_logs)")
     a = ap.parse_args()
     curves: dict[str, list[float]] = {}
     runs: dict = {}
@@ -261,7 +314,12 @@ if __name__ == "__main__":
         done = {k: v for k, v in json.loads(summary.read_text())["runs"].items() if v.get("status") != "skipped"}
         runs.update(done)  # by name: the latest call's run
         runs.update({f"{k}@call{i}": v for k, v in done.items()})  # by name and call
-    if a.sweep:
+    if a.next:
+        more, more_curves = runs_from_logs(a.next)
+        runs.update(more)
+        curves.update(more_curves)
+        report_next(runs, curves, a.device, a.command)
+    elif a.sweep:
         report_sweep(runs, curves, a.device, a.command)
     elif a.long:
         report_long(runs, curves, a.device, a.command)
