@@ -21,6 +21,7 @@ SHAPES = [  # (M, K, N): odd sizes, not multiples of the SIMD width (8 floats / 
     (5, 7, 9),
     (67, 100, 70),
     (130, 98, 64),  # two full 64-token tiles + a ragged tail; K not a multiple of 4
+    (96, 300, 72),  # a 64- and a 32-token tile, three K chunks summed into one tile
     (64, 517, 136),  # several K chunks
     (32, 70, 33),  # tiles of 2 / 4 registers (the VNNI loops where the CPU has them)
     (48, 70, 33),  # 3 / 6 registers
