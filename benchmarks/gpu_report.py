@@ -15,6 +15,13 @@ from pathlib import Path
 from _report import ROOT, write_section
 
 
+# Table headers: an SST-2 run (dev accuracy) and a SQuAD run (EM / F1), one row each from _row / _squad_row.
+SST2_HEAD = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
+             "|---|---|---|---|---|---|")
+SQUAD_HEAD = ("| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |\n"
+              "|---|---|---|---|---|---|---|")
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
@@ -61,14 +68,12 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
     """Write the GPU sections of BENCHMARKS.md (issues 3, 4, 5 and 8)."""
     runs = summary["runs"]
     acc = lambda v: 100 * v["accuracy"]  # noqa: E731
-    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
-            "|---|---|---|---|---|---|")
     where = (f"Device: {device}, all runs of `benchmarks/gpu_runs.py` side by side on it (wall times are "
              f"shared-GPU times). Reproduce: `{command}`. Pre-trained weights: the packaged all-MiniLM-L6-v2, "
              "carried to the GPU machine as FP16 and restored to FP32 (`benchmarks/gpu_carry.py`; `$MINILM` below).")
     ref = _ref(runs, "sst2-dense", acc)
     body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, batch 32, seed 42. (b)/(c) start from (a) "
-            "and distill from it (hardness 1.0, T 2), 2 epochs, cubic pruning from epoch 0 to `prune_end`.", "", head,
+            "and distill from it (hardness 1.0, T 2), 2 epochs, cubic pruning from epoch 0 to `prune_end`.", "", SST2_HEAD,
             _row(runs, "sst2-dense", "(a) dense fine-tune", acc, ref),
             _row(runs, "sst2-gmp80-block4-kd", "(b) GMP 80% block4 + KD (prune over 1/2 of the run)", acc, ref),
             _row(runs, "sst2-gmp80-block4-kd-longprune", "(b2) GMP 80% block4 + KD (prune over 3/4 of the run)", acc, ref),
@@ -87,8 +92,7 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
             "`article_split.json`); scores are on the 12 held-out articles only and not comparable with official dev "
             "figures. max_seq_length 384, doc_stride 128, batch 32. (b)/(c) start from (a) and distill its start/end "
             "logits (hardness 1.0, T 5.5).", "",
-            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |",
-            "|---|---|---|---|---|---|---|", *rows, "",
+            SQUAD_HEAD, *rows, "",
             _commands(runs, ["squad-dense", "squad-gmp80-block4-kd", "squad-gmp90-unstructured-kd"])]
     write_section(ROOT / "BENCHMARKS.md", "gpu_squad", "SQuAD v1.1 on a GPU: dense vs GMP + KD", "\n".join(body))
 
@@ -129,7 +133,7 @@ def report(summary: dict, curves: dict, device: str, command: str) -> None:
             "STS-B: full train, 3 epochs). The KD teacher for the sparse runs is the task's dense fine-tune (SST-2: the "
             "full-data (a) above). GMP + KD starts from the pre-trained model, like the transfer run starts from the "
             "sparse pre-trained one.", "",
-            head.replace("| dev |", "| dev (SST-2 acc. / STS-B Pearson) |"),
+            SST2_HEAD.replace("| dev |", "| dev (SST-2 acc. / STS-B Pearson) |"),
             _row(runs, "sst2-16k-dense", "SST-2 dense fine-tune", acc, None),
             _row(runs, "sst2-16k-ofa80", "SST-2 Prune OFA 80% transfer (mask locked)", acc,
                  _ref(runs, "sst2-16k-dense", acc)),
@@ -164,12 +168,10 @@ def report_long(runs: dict, curves: dict, device: str, commands: list[str]) -> N
              "sst2b128-gmp90-unstructured-kd"]
     labels = ["(a) dense fine-tune", "(b) GMP 80% block4 + KD (shipped recipe)", "(b, LR 2e-4) GMP 80% block4 + KD, init_lr 2e-4",
               "(b, oBERT) oBERT 80% block4 + KD, same schedule", "(c) GMP 90% unstructured + KD"]
-    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
-            "|---|---|---|---|---|---|")
     body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, **batch 128** (a MiniLM step is launch-bound "
             "on the GPU: 4x the batch costs about the same per step, so 4x the epochs fit), seed 42. Students start from (a) "
             "and distill from it (hardness 1.0, T 2); cubic pruning over the first half of the run, then recovery; epochs "
-            "fitted to the time left.", "", head, *(_row(runs, n, lab, acc, ref) for n, lab in zip(names, labels)), "",
+            "fitted to the time left.", "", SST2_HEAD, *(_row(runs, n, lab, acc, ref) for n, lab in zip(names, labels)), "",
             "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n in names[1:]), "",
             _commands(runs, names)]
     write_section(ROOT / "BENCHMARKS.md", "gpu_sst2_long", "SST-2 main job on a GPU: batch 128, longer schedules", "\n".join(body))
@@ -183,8 +185,7 @@ def report_long(runs: dict, curves: dict, device: str, commands: list[str]) -> N
     body = [where, "", "SQuAD v1.1, **training used dev articles** (36:12 article split, seed 42, as in the section above; "
             "scores on the 12 held-out articles only), seq 384, doc_stride 128, batch 32. Students from (a), KD on start/end "
             "logits (hardness 1.0, T 5.5), pruning over the first half; epochs fitted to the time left.", "",
-            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |",
-            "|---|---|---|---|---|---|---|", *rows, "", _commands(runs, [n for n, _, _ in snames])]
+            SQUAD_HEAD, *rows, "", _commands(runs, [n for n, _, _ in snames])]
     write_section(ROOT / "BENCHMARKS.md", "gpu_squad_long", "SQuAD v1.1 on a GPU: longer schedules, GMP vs oBERT", "\n".join(body))
 
 
@@ -201,16 +202,14 @@ def report_sweep(runs: dict, curves: dict, device: str, commands: list[str]) -> 
             ("sweep-gmpstar", "GMP* (`gmpstar80-block4-kd.yaml`): init 50%, 5 spaced steps, LR rewinds, T 5.5, init_lr 2e-4"),
             ("sweep-gmpstar-global", "GMP*, global_sparsity"),
             ("sweep-gmpstar-lr4e-4", "GMP*, init_lr 4e-4")]
-    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
-            "|---|---|---|---|---|---|")
     body = [where, "", "SST-2, full train set (67,349), full dev (872), seq 128, batch 128, seed 42, all students 80% block4 "
             "from (a) with KD from it (hardness 1.0), the same 8 epochs; GMP prunes over the first half (cubic, mask update every "
             "0.05 epoch, per layer unless noted), LR linear to 0; GMP* as described in its recipe. Seven students shared the GPU "
-            "(wall times are not comparable to single runs).", "", head, *(_row(runs, n, lab, acc, ref) for n, lab in rows), "",
+            "(wall times are not comparable to single runs).", "", SST2_HEAD, *(_row(runs, n, lab, acc, ref) for n, lab in rows), "",
             "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n, _ in rows[1:]), "",
             "SQuAD v1.1 (issue 4), same call, 36:12 article split as above (**training used dev articles**; scores on the 12 "
             "held-out articles): oBERT 80% block4 + KD (`recipes/squad/obs80-block4-kd.yaml`) at init_lr 2e-4, 10 epochs.", "",
-            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |", "|---|---|---|---|---|---|---|",
+            SQUAD_HEAD,
             _squad_row(runs, "squad-dense", "(a) dense fine-tune", "squad-dense"),
             _squad_row(runs, "sweep-squad-obs-lr2e-4", "(b, oBERT) oBERT 80% block4 + KD, init_lr 2e-4", "squad-dense"), "",
             _commands(runs, [n for n, _ in rows] + ["squad-dense", "sweep-squad-obs-lr2e-4"])]
@@ -222,7 +221,7 @@ def report_sweep(runs: dict, curves: dict, device: str, commands: list[str]) -> 
         ref2 = _ref(runs, short[0][0], acc)
         body += ["", "Second call (the device time left, about 4 minutes): the same teacher command again, then four GMP "
                  "students side by side for **3 epochs** (pruning over the first 1.5), to see whether the LR trend goes on past "
-                 "4e-4 and whether temperature 5.5 and global ranking add to it:", "", head,
+                 "4e-4 and whether temperature 5.5 and global ranking add to it:", "", SST2_HEAD,
                  *(_row(runs, n, lab, acc, ref2) for n, lab in short), "",
                  "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n, _ in short[1:]), "",
                  _commands(runs, [n for n, _ in short[1:]])]
@@ -253,8 +252,6 @@ def report_next(runs: dict, curves: dict, device: str, commands: list[str]) -> N
     (:func:`runs_from_logs`)."""
     acc = lambda v: 100 * v["accuracy"]  # noqa: E731
     ref = _ref(runs, "sst2b128-dense", acc)
-    head = ("| run | dev | Δ vs dense | encoder Linear sparsity | epochs | train wall time |\n"
-            "|---|---|---|---|---|---|")
     rows1 = [("sst2b128-dense", "(a) dense fine-tune"),
              ("next-gmp-lr4e-4-t5.5-global", "GMP, init_lr 4e-4, temperature 5.5, global_sparsity, prune to epoch 4.5"),
              ("next-gmp-lr3e-4-t5.5-global", "GMP, init_lr 3e-4, temperature 5.5, global_sparsity, prune to epoch 4.5"),
@@ -267,12 +264,12 @@ def report_next(runs: dict, curves: dict, device: str, commands: list[str]) -> N
             "SST-2, full train set (67,349), full dev (872), seq 128, batch 128, seed 42, students 80% block4 from (a) with "
             "KD from it (hardness 1.0), `recipes/glue/gmp80-block4-kd.yaml` with the overrides below (cubic pruning from "
             "epoch 0, mask update every 0.05 epoch, LR linear to 0). Call 1: 3 students + the SQuAD run shared the GPU, "
-            "9 epochs fitted; call 2: 3 students, 10 epochs.", "", head,
+            "9 epochs fitted; call 2: 3 students, 10 epochs.", "", SST2_HEAD,
             *(_row(runs, n, lab, acc, ref) for n, lab in rows1 + rows2), "",
             "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n, _ in rows1[1:] + rows2), "",
             "SQuAD v1.1 (issue 4), call 1, 36:12 article split (**training used dev articles**; scores on the 12 held-out "
             "articles): oBERT 80% block4 + KD at init_lr 4e-4 (session 5: 2e-4, 10 epochs, F1 -3.02).", "",
-            "| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs | train wall time |", "|---|---|---|---|---|---|---|",
+            SQUAD_HEAD,
             _squad_row(runs, "squad-dense", "(a) dense fine-tune", "squad-dense"),
             _squad_row(runs, "next-squad-obs-lr4e-4", "(b, oBERT) oBERT 80% block4 + KD, init_lr 4e-4", "squad-dense"), "",
             _commands(runs, [n for n, _ in rows1] + ["squad-dense", "next-squad-obs-lr4e-4"])]

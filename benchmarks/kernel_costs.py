@@ -62,16 +62,10 @@ def main() -> None:
         t32 = _best_ms(lambda: fp32.run(x, act="gelu", out=out), a.rounds)
         t8 = _best_ms(lambda: int8.run(x, act="gelu", x_range=x_range, out=out), a.rounds)
         nnz = int((w != 0).sum())
-        units = nnz * m / 64  # (nonzero, 64-token tile) pairs
-
-        def cyc(ms: float) -> float:
-            return ms * 1e-3 * cycles_per_s / units
-
-        def marginal(ms: float, ms_prev: float, nnz_prev: int) -> str:
-            return f"{(ms - ms_prev) * 1e-3 * cycles_per_s / ((nnz - nnz_prev) * m / 64):.2f} cyc/nz"
-        row = f"| {sp:.1%} | {nnz} | {t32:.2f} | {cyc(t32):.2f} | " + (marginal(t32, prev[1], prev[0]) if prev else "")
-        row += f" | {t8:.2f} | {cyc(t8):.2f} | " + (marginal(t8, prev[2], prev[0]) if prev else "") + " |"
-        print(row, flush=True)
+        cyc = [ms * 1e-3 * cycles_per_s / (nnz * m / 64) for ms in (t32, t8)]  # per (nonzero, 64-token tile)
+        marg = ([f"{(ms - ms0) * 1e-3 * cycles_per_s / ((nnz - prev[0]) * m / 64):.2f} cyc/nz"
+                 for ms, ms0 in zip((t32, t8), prev[1:])] if prev else ["", ""])
+        print(f"| {sp:.1%} | {nnz} | {t32:.2f} | {cyc[0]:.2f} | {marg[0]} | {t8:.2f} | {cyc[1]:.2f} | {marg[1]} |", flush=True)
         prev = (nnz, t32, t8)
 
 

@@ -538,24 +538,6 @@ SB_AVX2 inline void sparse_row_fma_avx2(const float* __restrict xt,
 
 // ---- epilogue (AVX2) ----
 
-// exp(x); inputs below -86 give exp(-86) ~ 4e-38 (tiny but normal: denormals are ~100x slower).
-SB_AVX2 inline __m256 exp_avx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-86.0f)), _mm256_set1_ps(88.3f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 // 1 / d (12-bit estimate + one Newton step: relative error ~1e-7, cheaper than a division).
 SB_AVX2 inline __m256 rcp_avx2(__m256 d) {
   const __m256 r = _mm256_rcp_ps(d);
@@ -565,27 +547,20 @@ SB_AVX2 inline __m256 rcp_avx2(__m256 d) {
 template <int ACT>
 SB_AVX2 inline __m256 act_avx2(__m256 v) {
   const __m256 half_v = _mm256_mul_ps(_mm256_set1_ps(0.5f), v);
-  if constexpr (ACT == 1) {  // 0.5 v (1 + erf(v / sqrt 2)), erf as Eigen's float rational approximation
+  if constexpr (ACT == 1) {  // 0.5 v (1 + erf(v / sqrt 2)), erf as Eigen's float rational approximation (kErfNum)
     const __m256 z = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f)),
                                                  _mm256_set1_ps(-4.0f)), _mm256_set1_ps(4.0f));
     const __m256 z2 = _mm256_mul_ps(z, z);
-    __m256 num = _mm256_fmadd_ps(z2, _mm256_set1_ps(-2.72614225801306e-10f), _mm256_set1_ps(2.77068142495902e-08f));
-    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-2.10102402082508e-06f));
-    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-5.69250639462346e-05f));
-    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-7.34990630326855e-04f));
-    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-2.95459980854025e-03f));
-    num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(-1.60960333262415e-02f));
+    __m256 num = _mm256_set1_ps(sparsebert::kErfNum[0]), den = _mm256_set1_ps(sparsebert::kErfDen[0]);
+    for (int i = 1; i < 7; ++i) num = _mm256_fmadd_ps(z2, num, _mm256_set1_ps(sparsebert::kErfNum[i]));
+    for (int i = 1; i < 5; ++i) den = _mm256_fmadd_ps(z2, den, _mm256_set1_ps(sparsebert::kErfDen[i]));
     num = _mm256_mul_ps(z, num);
-    __m256 den = _mm256_fmadd_ps(z2, _mm256_set1_ps(-1.45660718464996e-05f), _mm256_set1_ps(-2.13374055278905e-04f));
-    den = _mm256_fmadd_ps(z2, den, _mm256_set1_ps(-1.68282697438203e-03f));
-    den = _mm256_fmadd_ps(z2, den, _mm256_set1_ps(-7.37332916720468e-03f));
-    den = _mm256_fmadd_ps(z2, den, _mm256_set1_ps(-1.42647390514189e-02f));
     return _mm256_fmadd_ps(half_v, _mm256_mul_ps(num, rcp_avx2(den)), half_v);
   }
   if constexpr (ACT == 2) {  // 0.5 v (1 + tanh(u)), tanh(u) = 1 - 2 / (1 + exp(2u))
     const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.79788456080286536f),
                                    _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
-    const __m256 e = exp_avx2(_mm256_add_ps(u, u));
+    const __m256 e = sparsebert::exp_avx2(_mm256_add_ps(u, u));
     const __m256 r = rcp_avx2(_mm256_add_ps(e, _mm256_set1_ps(1.0f)));
     const __m256 th = _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), r, _mm256_set1_ps(1.0f));
     return _mm256_fmadd_ps(half_v, th, half_v);
@@ -651,17 +626,10 @@ SB_AVX512 inline __m512 act_avx512(__m512 v) {
     const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)),
                                                  _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
     const __m512 z2 = _mm512_mul_ps(z, z);
-    __m512 num = _mm512_fmadd_ps(z2, _mm512_set1_ps(-2.72614225801306e-10f), _mm512_set1_ps(2.77068142495902e-08f));
-    num = _mm512_fmadd_ps(z2, num, _mm512_set1_ps(-2.10102402082508e-06f));
-    num = _mm512_fmadd_ps(z2, num, _mm512_set1_ps(-5.69250639462346e-05f));
-    num = _mm512_fmadd_ps(z2, num, _mm512_set1_ps(-7.34990630326855e-04f));
-    num = _mm512_fmadd_ps(z2, num, _mm512_set1_ps(-2.95459980854025e-03f));
-    num = _mm512_fmadd_ps(z2, num, _mm512_set1_ps(-1.60960333262415e-02f));
+    __m512 num = _mm512_set1_ps(sparsebert::kErfNum[0]), den = _mm512_set1_ps(sparsebert::kErfDen[0]);
+    for (int i = 1; i < 7; ++i) num = _mm512_fmadd_ps(z2, num, _mm512_set1_ps(sparsebert::kErfNum[i]));
+    for (int i = 1; i < 5; ++i) den = _mm512_fmadd_ps(z2, den, _mm512_set1_ps(sparsebert::kErfDen[i]));
     num = _mm512_mul_ps(z, num);
-    __m512 den = _mm512_fmadd_ps(z2, _mm512_set1_ps(-1.45660718464996e-05f), _mm512_set1_ps(-2.13374055278905e-04f));
-    den = _mm512_fmadd_ps(z2, den, _mm512_set1_ps(-1.68282697438203e-03f));
-    den = _mm512_fmadd_ps(z2, den, _mm512_set1_ps(-7.37332916720468e-03f));
-    den = _mm512_fmadd_ps(z2, den, _mm512_set1_ps(-1.42647390514189e-02f));
     return _mm512_fmadd_ps(half_v, _mm512_mul_ps(num, rcp_avx512(den)), half_v);
   }
   if constexpr (ACT == 2) {  // as act_avx2<2>
