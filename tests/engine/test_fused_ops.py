@@ -36,8 +36,10 @@ def test_attention_matches_sdpa(b, s, h, d, masked, generic):
     assert got.shape == (h * d, b * s)
     assert float((got - _reference(qkv_t, b, s, h, d, mask)).abs().max()) < 1e-5
     out = torch.full((h * d, b * s), float("nan"))  # a reused buffer: every element overwritten
-    assert mod.attention_t(qkv_t, b, s, h, d, mask, 2, generic, out).data_ptr() == out.data_ptr()
+    minmax = torch.full((2,), float("nan"))
+    assert mod.attention_t(qkv_t, b, s, h, d, mask, 2, generic, out, minmax).data_ptr() == out.data_ptr()
     assert torch.equal(out, got)
+    assert torch.equal(minmax, torch.stack(torch.aminmax(got)))  # the range of what it wrote, for INT8
 
 
 def test_attention_rejects_bad_shapes():
@@ -78,6 +80,10 @@ def test_add_layernorm_matches_torch(m, h, generic):
     got = a.clone()
     mod.add_layernorm_(got, r, gamma, beta, 1e-12, 2, generic)  # in place
     assert float((got - expected).abs().max()) < 1e-5
+    ranged, minmax = a.clone(), torch.full((2,), float("nan"))
+    mod.add_layernorm_(ranged, r, gamma, beta, 1e-12, 2, generic, minmax)  # the same, plus the output's range
+    assert torch.equal(ranged, got)
+    assert torch.equal(minmax, torch.stack(torch.aminmax(got)))
 
 
 def test_add_layernorm_rejects_bad_shapes():

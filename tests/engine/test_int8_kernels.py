@@ -10,7 +10,8 @@ import torch
 
 from sparsebert.engine import SparseLinear, SparseLinearInt8, reference_int8_linear
 from sparsebert.engine import kernels as kernels_pkg
-from sparsebert.engine.quantized_linear import activation_qparams_7bit, quantize_weight
+from sparsebert.engine.quantized_linear import (activation_qparams_7bit, activation_qparams_per_token, fused_ffn_int8,
+                                               quantize_weight)
 
 needs_kernels = pytest.mark.skipif(
     os.environ.get("SPARSEBERT_DISABLE_KERNELS", "") not in ("", "0"), reason="kernels disabled by env"
@@ -187,3 +188,99 @@ def test_fused_activation_and_range(act, kind):
     if isinstance(lin, SparseLinearInt8):  # a known input range gives the same result as measuring it
         rng = torch.stack(torch.aminmax(x))
         torch.testing.assert_close(lin.run(x, x_range=rng), lin.run(x))
+
+
+def test_per_token_qparams_match_per_tensor_on_each_row():
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(7, 30, generator=gen) * torch.arange(1, 8)[:, None] + torch.linspace(-2, 2, 7)[:, None]
+    x[3] = x[3].abs()  # a row without negative values: zero point 0
+    scale, zp = activation_qparams_per_token(x)
+    assert scale.dtype == torch.float32 and zp.dtype == torch.int32
+    for i in range(7):
+        s, z = activation_qparams_7bit(x[i : i + 1])
+        assert float(scale[i]) == pytest.approx(s, rel=1e-7) and int(zp[i]) == z
+    assert int(zp[3]) == 0
+    with pytest.raises(ValueError, match="non-finite"):
+        activation_qparams_per_token(torch.tensor([[0.0, float("nan")]]))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d_K%d_N%d" % s)
+@pytest.mark.parametrize("pattern", ["unstructured", "block4", "dense"])
+def test_int8_per_token_matches_reference(shape, pattern):
+    """Per-token activation quantization (the engine's FFN2 input): every layout equals the reference,
+    and each token's result is that token's alone (the same as quantizing it by itself)."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(hash((shape, pattern, "tok")) % 2**31)
+    w = _weight(n, k, 0.8, pattern if pattern != "dense" else "unstructured", gen)
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 5 + 0.3  # a range per token
+    ref = reference_int8_linear(x, w, b, per_token=True)
+    layouts = ("quads", "pairs") if pattern != "dense" else ("auto",)
+    for layout in layouts:
+        lin = SparseLinearInt8.from_dense(w, b, pattern="dense" if pattern == "dense" else "auto", num_threads=2,
+                                          layout=layout)
+        _close(lin.run(x, per_token=True), ref)
+        _close(lin.run(x, per_token=True, y_t=True).t(), ref)
+        if m > 1:
+            _close(lin.run(x[-1:], per_token=True), ref[-1:])  # batch-independent
+    with pytest.raises(ValueError, match="token-major"):
+        lin.run(x.t().contiguous(), x_t=True, per_token=True)
+
+
+FFN_SHAPES = [  # (M, H, FFN): odd sizes; M = whole 64-token tiles, a ragged tail, a 16-token tail
+    (128, 40, 100),
+    (130, 33, 70),
+    (200, 64, 256),
+    (144, 24, 520),  # several K chunks in FFN2
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", FFN_SHAPES, ids=lambda s: "M%d_H%d_F%d" % s)
+@pytest.mark.parametrize("layouts", [("pairs", "pairs"), ("quads", "quads"), ("pairs", "quads"), ("quads", "pairs")])
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_fused_ffn_int8_equals_two_calls(shape, layouts, act):
+    """spmm_ffn_q8 (FFN1 -> per-token quantized hidden tile -> FFN2, one 64-token tile at a time) gives
+    bit for bit the two-call result, on the SIMD and the portable path, and matches the float64 reference."""
+    m, h, f = shape
+    gen = torch.Generator().manual_seed(hash((shape, layouts, act)) % 2**31)
+    w1, b1 = _weight(f, h, 0.8, "unstructured", gen), torch.randn(f, generator=gen)
+    w2, b2 = _weight(h, f, 0.8, "block4" if layouts[1] == "quads" else "unstructured", gen), torch.randn(h, generator=gen)
+    l1 = SparseLinearInt8.from_dense(w1, b1, num_threads=2, layout=layouts[0])
+    l2 = SparseLinearInt8.from_dense(w2, b2, num_threads=2, layout=layouts[1])
+    x = torch.randn(m, h, generator=gen) * 2 + 0.3
+    two_calls = l2.run(l1.run(x, act=act), per_token=True)
+    out = torch.full((m, h), float("nan"))
+    assert fused_ffn_int8(l1, l2, x, act, out=out) is out
+    assert torch.equal(out, two_calls)
+    sx, zp = activation_qparams_7bit(x)
+    mod = kernels_pkg.load()
+    generic = mod.spmm_ffn_q8(x, l1.order, l1.row_ptr, l1.col, l1.qval, l1.wscale, l1.wsum, l1.bias, f, l1.k_chunk,
+                              l1.n_block, l1.format == "q8p", l2.order, l2.row_ptr, l2.col, l2.qval, l2.wscale, l2.wsum,
+                              l2.bias, h, l2.k_chunk, l2.n_block, l2.format == "q8p", sx, zp, 1, None,
+                              {"gelu": 1, "relu": 3}[act], True)
+    hidden = reference_int8_linear(x, w1, b1)
+    hidden = torch.nn.functional.gelu(hidden) if act == "gelu" else hidden.relu()
+    ref = reference_int8_linear(hidden, w2, b2, per_token=True)
+    # A hidden value that differs in its last bit (the kernel's GELU vs torch's, < 1e-6; the portable
+    # path's dequantization without FMA) can cross a rounding boundary of its 7-bit grid: allow one grid
+    # step of one hidden value times the largest weight, on the few outputs it reaches.
+    step = float(activation_qparams_per_token(hidden)[0].max() * w2.abs().max())
+    for got in (generic, out):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()) + 1.01 * step)
+
+
+@needs_kernels
+def test_fused_ffn_int8_applies_only_where_it_can():
+    gen = torch.Generator().manual_seed(17)
+    l1 = SparseLinearInt8.from_dense(_weight(48, 16, 0.7, "unstructured", gen), num_threads=2)
+    l2 = SparseLinearInt8.from_dense(_weight(16, 48, 0.7, "unstructured", gen), num_threads=2)
+    dense = SparseLinearInt8.from_dense(_weight(16, 48, 0.0, "unstructured", gen), pattern="dense", num_threads=2)
+    x = torch.randn(128, 16, generator=gen)
+    assert fused_ffn_int8(l1, l2, x, "gelu") is not None
+    assert fused_ffn_int8(l1, l2, x[:100], "gelu") is None  # fewer than a 64-token tile per thread
+    assert fused_ffn_int8(l1, dense, x, "gelu") is None  # a dense-format layer
+    assert fused_ffn_int8(l1, l2, x, "swish") is None  # an activation the kernel does not have
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        big = SparseLinearInt8.from_dense(torch.full((48, 16), 1e37), num_threads=2)  # overflows to inf
+        fused_ffn_int8(big, l2, x.abs() + 1, "relu")

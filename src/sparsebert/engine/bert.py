@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import EngineError, load_source
-from .quantized_linear import SparseLinearInt8, reference_int8_linear
+from .quantized_linear import SparseLinearInt8, fused_ffn_int8, reference_int8_linear
 from .sparse_linear import SparseLinear, fused_ffn
 
 __all__ = ["CompiledBert", "compile_model", "int8_reference_model", "PRECISIONS"]
@@ -90,15 +90,20 @@ def _layernorm_args(ln: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor,
     return ln.weight.detach(), ln.bias.detach(), ln.eps
 
 
-def _add_layernorm(a: torch.Tensor, residual: torch.Tensor, ln_args: tuple) -> torch.Tensor:
+def _add_layernorm(a: torch.Tensor, residual: torch.Tensor, ln_args: tuple,
+                   minmax: torch.Tensor | None = None) -> torch.Tensor:
     """``LayerNorm(a + residual)`` over the last dim, in place in ``a`` (float32 ``[M, H]``, contiguous):
-    one pass a row in ``layernorm.cpp`` (~2x torch's add_ + layer_norm at batch 1), torch without kernels."""
+    one pass a row in ``layernorm.cpp`` (~2x torch's add_ + layer_norm at batch 1), torch without kernels.
+    ``minmax`` (float32 ``[2]``): receives the output's ``(min, max)``, measured in the same pass."""
     from . import kernels as _kernels
 
     mod = _kernels.load()
     if mod is None:
-        return F.layer_norm(a.add_(residual), (a.shape[-1],), *ln_args)
-    mod.add_layernorm_(a, residual, ln_args[0], ln_args[1], ln_args[2], torch.get_num_threads(), False)
+        y = F.layer_norm(a.add_(residual), (a.shape[-1],), *ln_args)
+        if minmax is not None:
+            minmax.copy_(torch.stack(torch.aminmax(y)))
+        return y
+    mod.add_layernorm_(a, residual, ln_args[0], ln_args[1], ln_args[2], torch.get_num_threads(), False, minmax)
     return a
 
 
@@ -136,32 +141,38 @@ class _Layer:
         tokens, hidden = x.shape
         att = _fused_attention()  # dense-format layers feed it too: their run() transposes for y_t / x_t
         a_buf = ws.get("a", tokens, hidden)
+        # INT8: the kernel that writes a layer's input also measures its range (for the per-tensor
+        # quantization), so no layer needs a separate min/max pass; ws.x_range is this block's input's.
+        int8 = self.int8
+        qkv_range = {"x_range": ws.x_range} if int8 else {}
+        ctx_range = torch.empty(2) if int8 else None  # fresh per call: the model may run in several threads
+        x1_range = torch.empty(2) if int8 else None
         if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
-            qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens))  # [3 * hidden, batch * seq]
+            qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens), **qkv_range)  # [3 * hidden, batch * seq]
             mask2 = None if mask is None else mask.view(batch, seq)
             ctx_t = att(qkv_t, batch, seq, self.heads, self.head_dim, mask2, torch.get_num_threads(), False,
-                        ws.get("ctx", hidden, tokens))
-            a = self.o.run(ctx_t, x_t=True, out=a_buf)
+                        ws.get("ctx", hidden, tokens), ctx_range)
+            a = self.o.run(ctx_t, x_t=True, out=a_buf, **({"x_range": ctx_range} if int8 else {}))
         else:
-            qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * hidden)).view(batch, seq, 3, self.heads, self.head_dim)
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, heads, S, head_dim] views
+            qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * hidden), **qkv_range)
+            q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, seq, 3, self.heads, self.head_dim).unbind(2))
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
             a = self.o.run(ctx.transpose(1, 2).reshape(tokens, hidden), out=a_buf)
-        x1 = _add_layernorm(a, x, self.ln1_args)  # x is dead from here: FFN2 writes its output into it
+        x1 = _add_layernorm(a, x, self.ln1_args, x1_range)  # x is dead from here: FFN2 writes its output into it
         fused = self.fused
-        if fused and not self.int8:  # both FFN layers in one kernel call: the hidden tile stays in cache
+        # Both FFN layers in one kernel call where it applies: the hidden tile stays in cache. In INT8,
+        # FFN2's input is quantized per token either way (see fused_ffn_int8).
+        ws.x_range = torch.empty(2) if int8 else None  # the block output's range: the next block's input range
+        y = None
+        if fused and int8:
+            y = fused_ffn_int8(self.ffn1, self.ffn2, x1, fused, x_range=x1_range, out=x)
+        elif fused:
             y = fused_ffn(self.ffn1, self.ffn2, x1, fused, out=x)
-            if y is not None:
-                return _add_layernorm(y, x1, self.ln2_args)
-        h_buf = ws.get("h", tokens, self.ffn1.out_features)
-        if self.int8 and fused:  # the FFN1 epilogue applies the activation and measures its range
-            rng = torch.empty(2)  # per call: the model may be called from several threads
-            h = self.ffn1.run(x1, act=fused, minmax=rng, out=h_buf)
-            y = self.ffn2.run(h, x_range=rng, out=x)
-        else:
-            h = self.ffn1.run(x1, act=fused, out=h_buf)
-            y = self.ffn2.run(h if fused else self.act_module(h), out=x)
-        return _add_layernorm(y, x1, self.ln2_args)
+        if y is None:
+            h = self.ffn1.run(x1, act=fused, out=ws.get("h", tokens, self.ffn1.out_features), **({"x_range": x1_range} if int8 else {}))
+            h = h if fused else self.act_module(h)
+            y = self.ffn2.run(h, out=x, per_token=True) if int8 else self.ffn2.run(h, out=x)
+        return _add_layernorm(y, x1, self.ln2_args, ws.x_range)
 
 
 class _Workspace:
@@ -176,10 +187,12 @@ class _Workspace:
     def __init__(self):
         self.tokens = -1
         self.buffers: dict[str, torch.Tensor] = {}
+        self.x_range: torch.Tensor | None = None
 
     def start(self, tokens: int) -> "_Workspace":
         if tokens != self.tokens:
             self.tokens, self.buffers = tokens, {}
+        self.x_range = None  # (min, max) of the next block's input, when the previous block measured it
         return self
 
     def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
@@ -327,13 +340,14 @@ def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int |
 class _FakeQuantLinear(torch.nn.Module):
     """``reference_int8_linear`` as a module (used by :func:`int8_reference_model`)."""
 
-    def __init__(self, linear: torch.nn.Linear, scale: torch.Tensor | None):
+    def __init__(self, linear: torch.nn.Linear, scale: torch.Tensor | None, per_token: bool = False):
         super().__init__()
-        self.linear, self.scale = linear, scale
+        self.linear, self.scale, self.per_token = linear, scale, per_token
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = reference_int8_linear(x.reshape(-1, x.shape[-1]), self.linear.weight, self.linear.bias, self.scale)
+        y = reference_int8_linear(x.reshape(-1, x.shape[-1]), self.linear.weight, self.linear.bias, self.scale,
+                                  per_token=self.per_token)
         return y.view(*lead, -1)
 
 
@@ -346,7 +360,8 @@ def int8_reference_model(model: torch.nn.Module, quantization: dict[str, Any] | 
     (the INT8 engine's scheme in plain torch; QAT scales from ``quantization`` when given).
 
     Note: the engine quantizes query/key/value activations once (they share their input), so
-    this reference matches it exactly: the three layers see the same tensor.
+    this reference matches it exactly: the three layers see the same tensor. FFN2 (``output.dense``)
+    quantizes its input per token, as the engine does (see :func:`.quantized_linear.fused_ffn_int8`).
     """
     ref = copy.deepcopy(model).eval()
     if quantization is not None:
@@ -358,5 +373,7 @@ def int8_reference_model(model: torch.nn.Module, quantization: dict[str, Any] | 
         if isinstance(module, torch.nn.Linear) and _ENCODER_LINEAR.match(name):
             parent, child = name.rsplit(".", 1)
             s = qmodules.get(name, {}).get("weight_scale")
-            setattr(ref.get_submodule(parent), child, _FakeQuantLinear(module, None if s is None else torch.tensor(s)))
+            per_token = name.endswith("output.dense") and not name.endswith("attention.output.dense")  # FFN2
+            setattr(ref.get_submodule(parent), child,
+                    _FakeQuantLinear(module, None if s is None else torch.tensor(s), per_token))
     return ref

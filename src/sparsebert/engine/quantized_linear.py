@@ -11,6 +11,10 @@ Quantization scheme (what :func:`reference_int8_linear` computes, in float64):
   FBGEMM and ONNX Runtime use on CPUs without VNNI) keep ``_mm256_maddubs_epi16`` exact: a pair
   of products is at most ``2 * 127 * 127 < 2**15``;
 * output: ``y = (xq - zp) @ Wq.T * (sx * scale) + b`` with exact int32 accumulation.
+* per-token activations (``per_token=True``; the engine's FFN2 input): each row of ``x`` gets its own
+  ``(sx, zp)`` from its own min/max (:func:`activation_qparams_per_token`). Each token's result then
+  depends on that token alone, not on the rest of the batch, and the fused INT8 FFN
+  (:func:`fused_ffn_int8`) can quantize a 64-token tile of hidden activations as soon as it is done.
 
 Layouts (both in the chunked, count-sorted order of :mod:`.sparse_linear`):
 
@@ -40,7 +44,8 @@ import torch.nn.functional as F
 from . import kernels as _kernels
 from .sparse_linear import ACT_CODES, DEFAULT_N_BLOCK, _check_n_m, _pack_sorted, apply_epilogue, transpose
 
-__all__ = ["SparseLinearInt8", "quantize_weight", "activation_qparams_7bit", "reference_int8_linear"]
+__all__ = ["SparseLinearInt8", "quantize_weight", "activation_qparams_7bit", "activation_qparams_per_token",
+           "reference_int8_linear", "fused_ffn_int8"]
 
 QMAX_W = 127  # symmetric int8 weights: [-127, 127]
 QMAX_X = 127  # 7-bit unsigned activations: [0, 127]
@@ -134,21 +139,56 @@ def activation_qparams_7bit(x: torch.Tensor, x_range: torch.Tensor | None = None
     return scale, zp
 
 
-def _quantize_x(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
-    """``clamp(round(x * float32(1 / scale)) + zp, 0, 127)`` as float32 integers (the kernel's math)."""
+def activation_qparams_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) 7-bit ``(scale, zero_point)`` of ``x`` float32 ``[M, K]``: for each row what
+    :func:`activation_qparams_7bit` gives for that row alone (float64 math as there).
+
+    Returns ``scale`` float32 ``[M]`` (the float32 value of the float64 scale, as the kernels use it) and
+    ``zero_point`` int32 ``[M]`` in [0, 127].
+
+    Raises:
+        ValueError: ``x`` holds NaN or infinite values.
+    """
+    from ..modifiers.quantization import _EPS
+
+    if x.shape[0] == 0:
+        return torch.ones(0), torch.zeros(0, dtype=torch.int32)
+    lo, hi = torch.aminmax(x, dim=-1)
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        raise ValueError("cannot quantize activations with non-finite values")
+    lo, hi = lo.double().clamp(max=0.0), hi.double().clamp(min=0.0)
+    scale = ((hi - lo) / QMAX_X).clamp(min=_EPS)
+    zp = torch.round(-lo / scale).clamp(0, QMAX_X)
+    return scale.float(), zp.to(torch.int32)
+
+
+def _quantize_x(x: torch.Tensor, scale, zp) -> torch.Tensor:
+    """``clamp(round(x * float32(1 / scale)) + zp, 0, 127)`` as float32 integers (the kernel's math).
+
+    ``scale`` / ``zp``: numbers (per tensor) or ``[M]`` tensors (per row of ``x`` ``[M, K]``)."""
+    if isinstance(scale, torch.Tensor):
+        inv = (1.0 / scale.float())[:, None]
+        return torch.clamp(torch.round(x * inv) + zp[:, None].float(), 0, QMAX_X)
     inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
     return torch.clamp(torch.round(x * inv) + zp, 0, QMAX_X)
 
 
 def reference_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+                          weight_scale: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
     """The INT8 scheme of this module computed with plain torch ops (float64 accumulation).
 
-    ``x`` float32 ``[..., K]``, ``weight`` float32 ``[N, K]``, ``bias`` ``[N]`` or ``None``,
-    ``weight_scale`` as :func:`quantize_weight`. Returns float32 ``[..., N]``: the fake-quant
-    result ``((xq - zp) * sx) @ (Wq * scale).T + b`` that :class:`SparseLinearInt8` reproduces.
+    ``x`` float32 ``[M, K]`` (``[..., K]`` unless ``per_token``), ``weight`` float32 ``[N, K]``, ``bias``
+    ``[N]`` or ``None``, ``weight_scale`` as :func:`quantize_weight`; ``per_token``: activations
+    quantized per row (:func:`activation_qparams_per_token`) instead of per tensor. Returns float32
+    ``[..., N]``: the fake-quant result ``((xq - zp) * sx) @ (Wq * scale).T + b`` that
+    :class:`SparseLinearInt8` reproduces.
     """
     wq, scale = quantize_weight(weight, weight_scale)
+    if per_token:
+        sx, zp = activation_qparams_per_token(x)
+        xq = _quantize_x(x.float(), sx, zp).double() - zp[:, None].double()
+        y = (xq @ wq.double().T) * (sx.double()[:, None] * scale.double())
+        return (y if bias is None else y + bias.double()).float()
     sx, zp = activation_qparams_7bit(x)
     xq = _quantize_x(x.float(), sx, zp).double() - zp
     y = (xq @ wq.double().T) * (sx * scale.double())
@@ -286,14 +326,20 @@ class SparseLinearInt8(torch.nn.Module):
 
     def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False, act: str | None = None,
             minmax: torch.Tensor | None = None, x_range: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
         """2-D entry point: ``x`` float32 ``[M, K]`` (``[K, M]`` when ``x_t``) -> float32 ``[M, N]``
         (``[N, M]`` when ``y_t``), no autograd. ``act`` / ``minmax`` / ``out``: the kernel epilogue and
         the output buffer, as in :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when
-        already known (e.g. the previous layer's ``minmax``), which saves a pass over ``x``."""
+        already known (e.g. the previous layer's ``minmax``), which saves a pass over ``x``.
+        ``per_token``: quantize each row of ``x`` (token-major only) with its own ``(scale, zp)``."""
         # No torch.no_grad decorator and positional kernel arguments: see SparseLinear.run.
         x = x.contiguous()
-        sx, zp = activation_qparams_7bit(x, x_range)
+        if per_token:
+            if x_t:
+                raise ValueError("per_token quantization takes token-major x ([M, K], x_t=False)")
+            sx, zp = activation_qparams_per_token(x)
+        else:
+            sx, zp = activation_qparams_7bit(x, x_range)
         mod = _kernels.load() if self.format != "dense" else None
         if mod is None:
             if self.format != "dense" and not SparseLinearInt8._warned_fallback:
@@ -307,20 +353,55 @@ class SparseLinearInt8(torch.nn.Module):
                     self.weight_q = self.int_weight()
                 y = apply_epilogue(self._dense(x, sx, zp, x_t, y_t, out), act, minmax)
                 return y if out is None or y is out else out.copy_(y)
-        # positional after the threads: out, x_t, y_t, tile_w, force_generic, pairs, act, minmax
+        # positional after the threads: out, x_t, y_t, tile_w, force_generic, pairs, act, minmax, per-token (sx, zp)
+        tok = (sx, zp) if per_token else (None, None)
         return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
-                           self.out_features, self.k_chunk, self.n_block, sx, zp, self.num_threads or torch.get_num_threads(),
-                           out, x_t, y_t, 64, False, self.format == "q8p", ACT_CODES[act], minmax)
+                           self.out_features, self.k_chunk, self.n_block, 1.0 if per_token else sx, 0 if per_token else zp,
+                           self.num_threads or torch.get_num_threads(), out, x_t, y_t, 64, False, self.format == "q8p",
+                           ACT_CODES[act], minmax, *tok)
 
-    def _dense(self, x: torch.Tensor, sx: float, zp: int, x_t: bool, y_t: bool,
+    def _dense(self, x: torch.Tensor, sx, zp, x_t: bool, y_t: bool,
                out: torch.Tensor | None = None) -> torch.Tensor:
         # Integer math in float32: |sum of products| <= 127 * 127 * K < 2**24 for K <= 1040; above
         # that the float32 sum may round (relative error ~1e-7, far below the quantization step).
-        xq = _quantize_x(x, sx, zp).sub_(zp)
+        per_token = isinstance(sx, torch.Tensor)  # [M] scales / zero points (token-major x)
+        xq = _quantize_x(x, sx, zp).sub_(zp[:, None].float() if per_token else zp)
         if x_t:
             xq = xq.t()
         acc = torch.mm(xq, self.weight_q.t(), out=None if y_t else out)  # [M, N]
-        y = acc.mul_(self.wscale * sx)
+        y = acc.mul_(sx[:, None] * self.wscale) if per_token else acc.mul_(self.wscale * sx)
         if self.bias is not None:
             y = y.add_(self.bias)
         return transpose(y, self.num_threads, out) if y_t else y
+
+
+def fused_ffn_int8(first: SparseLinearInt8, second: SparseLinearInt8, x: torch.Tensor, act: str | None,
+                   x_range: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``second(act(first(x)))`` in INT8 in one kernel call, or ``None`` where that call does not apply.
+
+    ``x`` float32 ``[M, K]`` (quantized per tensor; ``x_range`` = its ``(min, max)`` when known) -> float32
+    ``[M, second.out_features]`` (into ``out`` when given). The kernel (``spmm_ffn_q8``) runs both layers one
+    64-token tile at a time: FFN1's finished hidden activations stay in a per-thread tile in cache, each
+    token is quantized with its own ``(scale, zp)`` from that tile, and FFN2 runs on it, so the
+    ``[M, first.out_features]`` float intermediate never goes through memory. The result equals
+    ``second.run(act(first.run(x)), per_token=True)`` (same integer sums; the same epilogue math). Applies
+    when both layers are sparse formats with compiled kernels and ``M`` fills a 64-token tile per thread
+    (below that, the two calls split each layer's rows across the threads instead); ``None`` otherwise.
+
+    Raises:
+        RuntimeError: the hidden activations hold NaN or infinite values.
+    """
+    threads = first.num_threads or torch.get_num_threads()
+    if (first.format not in ("q8", "q8p") or second.format not in ("q8", "q8p") or x.shape[0] < 64 * threads
+            or first.out_features != second.in_features or act not in ACT_CODES):
+        return None
+    mod = _kernels.load()
+    if mod is None:
+        return None
+    x = x.contiguous()
+    sx, zp = activation_qparams_7bit(x, x_range)
+    return mod.spmm_ffn_q8(x, first.order, first.row_ptr, first.col, first.qval, first.wscale, first.wsum, first.bias,
+                           first.out_features, first.k_chunk, first.n_block, first.format == "q8p",
+                           second.order, second.row_ptr, second.col, second.qval, second.wscale, second.wsum,
+                           second.bias, second.out_features, second.k_chunk, second.n_block, second.format == "q8p",
+                           sx, zp, threads, out, ACT_CODES[act], False)

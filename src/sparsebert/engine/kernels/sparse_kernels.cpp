@@ -73,6 +73,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -155,6 +156,12 @@ struct Problem {
   const int32_t* wsum = nullptr;   // [N] sum of the row's int8 weights (zero-point correction)
   float x_scale = 1.0f, x_inv_scale = 1.0f;
   int32_t x_zp = 0;
+  // INT8 per-token activation quantization (set: replaces x_scale / x_inv_scale / x_zp): entry i is
+  // token tok_m0 + i's (scale, 1 / scale, zero point). Readable up to the last token's 64-token tile.
+  const float* x_scale_tok = nullptr;
+  const float* x_inv_tok = nullptr;
+  const int32_t* x_zp_tok = nullptr;
+  int64_t tok_m0 = 0;
   // Epilogue (all formats): activation applied to y (after bias), and the range of y.
   int act = 0;                // 0 none, 1 GELU (erf), 2 GELU (tanh approximation), 3 ReLU
   float* minmax = nullptr;    // if set: receives min(y), max(y)
@@ -162,6 +169,10 @@ struct Problem {
   float* h_out = nullptr;     // fused FFN (spmm_ffn): finished blocks stay here, XT layout [N][W8], not stored to y
   bool vnni = false;          // INT8: run the hot loops with AVX-512 VNNI (tiles of 16k / 32k tokens)
 };
+
+// Activation quantization parameters of token m: its own (per-token mode) or the tensor's.
+inline float inv_of(const Problem& p, int64_t m) { return p.x_inv_tok ? p.x_inv_tok[m - p.tok_m0] : p.x_inv_scale; }
+inline int32_t zp_of(const Problem& p, int64_t m) { return p.x_zp_tok ? p.x_zp_tok[m - p.tok_m0] : p.x_zp; }
 
 // Range of the outputs a thread stored (reduced over threads at the end of run()).
 thread_local float tl_min, tl_max;
@@ -303,7 +314,7 @@ void pack_xq_generic(const Problem& p, int64_t m0, int64_t w, int W8, uint8_t* x
       uint8_t q = 0;
       if (j < w && k < p.K) {
         const float v = p.x_t ? p.x[k * p.M + m0 + j] : p.x[(m0 + j) * p.K + k];
-        q = quantize_generic(v, p.x_inv_scale, p.x_zp);
+        q = quantize_generic(v, inv_of(p, m0 + j), zp_of(p, m0 + j));
       }
       xq[((k >> 2) * W8 + j) * 4 + (k & 3)] = q;
     }
@@ -322,14 +333,21 @@ void q8_row_generic(const uint8_t* xq, int W8, const int32_t* col, const int8_t*
   for (int j = 0; j < W8; ++j) out[j] = acc[j];
 }
 
-// int32 accumulators of output rows n0 .. n0+rows (YT rows) -> float, in place.
-void q8_dequant_generic(const Problem& p, int32_t* yt, int W8, int64_t n0, int64_t rows) {
+// int32 accumulators of output rows n0 .. n0+rows (YT rows, tokens m0 ..) -> float, in place:
+// y = float(acc - zp * wsum[n]) * (sx * wscale[n]) + bias[n], (sx, zp) the tensor's or each token's.
+void q8_dequant_generic(const Problem& p, int32_t* yt, int W8, int64_t m0, int64_t n0, int64_t rows) {
+  const float* sx = p.x_scale_tok ? p.x_scale_tok + (m0 - p.tok_m0) : nullptr;
+  const int32_t* zp = p.x_zp_tok ? p.x_zp_tok + (m0 - p.tok_m0) : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = n0 + i;
     const int32_t c = p.x_zp * p.wsum[n];
     const float s = p.x_scale * p.wscale[n], b = p.bias ? p.bias[n] : 0.0f;
     int32_t* a = yt + i * W8;
     float* f = reinterpret_cast<float*>(a);
+    if (sx != nullptr) {
+      for (int j = 0; j < W8; ++j) f[j] = static_cast<float>(a[j] - zp[j] * p.wsum[n]) * (sx[j] * p.wscale[n]) + b;
+      continue;
+    }
     for (int j = 0; j < W8; ++j) f[j] = static_cast<float>(a[j] - c) * s + b;
   }
 }
@@ -350,9 +368,13 @@ void int8_blocks_generic(const Problem& p, int64_t m0, int64_t w, int W, int64_t
       const int32_t* ord = p.order + c * p.N;
       for (int64_t i = nb0; i < nb1; ++i) row(rp[i], rp[i + 1], yt + (ord[i] - nb0) * W);
     }
-    q8_dequant_generic(p, yt, W, nb0, nb1 - nb0);
+    q8_dequant_generic(p, yt, W, m0, nb0, nb1 - nb0);
     if (p.act != 0 || p.minmax != nullptr)
       finish_generic(p, reinterpret_cast<float*>(yt), W, w, nb0, nb1 - nb0, false);
+    if (p.h_out != nullptr) {  // fused FFN: the finished rows go to the hidden tile [N][W]
+      std::memcpy(p.h_out + nb0 * W, yt, sizeof(float) * (nb1 - nb0) * W);
+      continue;
+    }
     const float* ytf = reinterpret_cast<const float*>(yt);
     for (int64_t g = nb0; g < nb1; g += kGroup)
       store_yt_generic(pf, ytf + (g - nb0) * W, W, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));
@@ -383,7 +405,7 @@ void pack_xp_generic(const Problem& p, int64_t m0, int64_t w, int W16, int16_t* 
       int16_t q = 0;
       if (j < w) {
         const float v = p.x_t ? p.x[k * p.M + m0 + j] : p.x[(m0 + j) * p.K + k];
-        q = quantize_generic(v, p.x_inv_scale, p.x_zp);
+        q = quantize_generic(v, inv_of(p, m0 + j), zp_of(p, m0 + j));
       }
       xp[k * W16 + xp_pos(j)] = q;
     }
@@ -805,6 +827,15 @@ SB_AVX2 inline __m256i quantize8_avx2(__m256 x, __m256 inv, __m256i zp) {
   return _mm256_min_epi32(_mm256_max_epi32(q, _mm256_setzero_si256()), _mm256_set1_epi32(127));
 }
 
+// The quantization parameters of tokens m .. m+7 (per-token mode) or the tensor's, broadcast.
+SB_AVX2 inline __m256 inv8_avx2(const Problem& p, int64_t m) {
+  return p.x_inv_tok ? _mm256_loadu_ps(p.x_inv_tok + (m - p.tok_m0)) : _mm256_set1_ps(p.x_inv_scale);
+}
+SB_AVX2 inline __m256i zp8_avx2(const Problem& p, int64_t m) {
+  return p.x_zp_tok ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x_zp_tok + (m - p.tok_m0)))
+                    : _mm256_set1_epi32(p.x_zp);
+}
+
 // Four vectors of 8 tokens (inputs k .. k+3, each value in [0, 127]) -> one vector of 8 quads.
 SB_AVX2 inline __m256i quad_avx2(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
   return _mm256_or_si256(_mm256_or_si256(q0, _mm256_slli_epi32(q1, 8)),
@@ -812,8 +843,6 @@ SB_AVX2 inline __m256i quad_avx2(__m256i q0, __m256i q1, __m256i q2, __m256i q3)
 }
 
 SB_AVX2 void pack_xq_avx2(const Problem& p, int64_t m0, int64_t w, int W8, uint8_t* xq) {
-  const __m256 inv = _mm256_set1_ps(p.x_inv_scale);
-  const __m256i zp = _mm256_set1_epi32(p.x_zp);
   const int64_t K = p.K;
   for (int64_t j0 = 0; j0 < W8; j0 += 8) {
     if (j0 + 8 > w) {  // ragged last tokens: portable code for this 8-token column
@@ -822,12 +851,14 @@ SB_AVX2 void pack_xq_avx2(const Problem& p, int64_t m0, int64_t w, int W8, uint8
           uint8_t q = 0;
           if (j0 + j < w && k < K) {
             const int64_t m = m0 + j0 + j;
-            q = quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], p.x_inv_scale, p.x_zp);
+            q = quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], inv_of(p, m), zp_of(p, m));
           }
           xq[((k >> 2) * W8 + j0 + j) * 4 + (k & 3)] = q;
         }
       continue;
     }
+    const __m256 inv = inv8_avx2(p, m0 + j0);
+    const __m256i zp = zp8_avx2(p, m0 + j0);
     int64_t k = 0;
     if (p.x_t) {  // rows of X^T are 8 tokens already
       for (; k + 4 <= K; k += 4) {
@@ -858,7 +889,7 @@ SB_AVX2 void pack_xq_avx2(const Problem& p, int64_t m0, int64_t w, int W8, uint8
       for (int j = 0; j < 8; ++j) {
         const int64_t m = m0 + j0 + j;
         xq[((k >> 2) * W8 + j0 + j) * 4 + (k & 3)] =
-            k < K ? quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], p.x_inv_scale, p.x_zp) : 0;
+            k < K ? quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], inv_of(p, m), zp_of(p, m)) : 0;
       }
   }
 }
@@ -888,7 +919,8 @@ SB_AVX2 inline void q8_row_avx2(const uint8_t* __restrict xq, const int32_t* __r
   for (int r = 0; r < R; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8 * r), acc[r]);
 }
 
-SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t n0, int64_t rows) {
+SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t m0, int64_t n0, int64_t rows) {
+  if (p.x_scale_tok != nullptr) return q8_dequant_generic(p, yt, W8, m0, n0, rows);  // per token: auto-vectorised
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = n0 + i;
     const __m256i c = _mm256_set1_epi32(p.x_zp * p.wsum[n]);
@@ -903,7 +935,25 @@ SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t n0, 
 }
 
 // AVX-512 dequantization (W a multiple of 16: the VNNI rows).
-SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t n0, int64_t rows) {
+SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t m0, int64_t n0, int64_t rows) {
+  if (p.x_scale_tok != nullptr) {  // per-token (sx, zp): one vector of each per 16 tokens
+    const float* sx = p.x_scale_tok + (m0 - p.tok_m0);
+    const int32_t* zp = p.x_zp_tok + (m0 - p.tok_m0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t n = n0 + i;
+      const __m512i ws = _mm512_set1_epi32(p.wsum[n]);
+      const __m512 sw = _mm512_set1_ps(p.wscale[n]);
+      const __m512 b = _mm512_set1_ps(p.bias ? p.bias[n] : 0.0f);
+      int32_t* a = yt + i * W;
+      for (int j = 0; j < W; j += 16) {
+        const __m512i c = _mm512_mullo_epi32(_mm512_loadu_si512(zp + j), ws);
+        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sx + j), sw);
+        const __m512i v = _mm512_sub_epi32(_mm512_load_si512(a + j), c);
+        _mm512_store_ps(reinterpret_cast<float*>(a + j), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, b));
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = n0 + i;
     const __m512i c = _mm512_set1_epi32(p.x_zp * p.wsum[n]);
@@ -936,9 +986,13 @@ SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t n
         const int32_t* ord = p.order + c * p.N;                                                           \
         for (int64_t i = nb0; i < nb1; ++i) Row(xa, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W); \
       }                                                                                                   \
-      DEQUANT(p, yt, W, nb0, nb1 - nb0);                                                                  \
+      DEQUANT(p, yt, W, m0, nb0, nb1 - nb0);                                                              \
       if (p.act != 0 || p.minmax != nullptr)                                                              \
         FINISH(p, reinterpret_cast<float*>(yt), W, w, nb0, nb1 - nb0, false);                             \
+      if (p.h_out != nullptr) { /* fused FFN: the finished rows go to the hidden tile [N][W] */           \
+        std::memcpy(p.h_out + nb0 * W, yt, sizeof(float) * (nb1 - nb0) * W);                              \
+        continue;                                                                                         \
+      }                                                                                                   \
       const float* ytf = reinterpret_cast<const float*>(yt);                                              \
       for (int64_t g = nb0; g < nb1; g += kGroup)                                                         \
         store_yt_avx2(pf, ytf + (g - nb0) * W, W, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));          \
@@ -1029,8 +1083,6 @@ SB_AVX2 void item_q8_avx2(const Problem& p, int64_t m0, int64_t w, int64_t n_beg
 // ---- Q8P (AVX2) ----
 
 SB_AVX2 void pack_xp_avx2(const Problem& p, int64_t m0, int64_t w, int W16, int16_t* xp) {
-  const __m256 inv = _mm256_set1_ps(p.x_inv_scale);
-  const __m256i zp = _mm256_set1_epi32(p.x_zp);
   const int64_t K = p.K;
   for (int64_t g0 = 0; g0 < W16; g0 += 16) {
     if (g0 + 16 > w) {  // ragged last tokens: portable code for this 16-token group
@@ -1039,18 +1091,20 @@ SB_AVX2 void pack_xp_avx2(const Problem& p, int64_t m0, int64_t w, int W16, int1
           int16_t q = 0;
           if (g0 + j < w) {
             const int64_t m = m0 + g0 + j;
-            q = quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], p.x_inv_scale, p.x_zp);
+            q = quantize_generic(p.x_t ? p.x[k * p.M + m] : p.x[m * K + k], inv_of(p, m), zp_of(p, m));
           }
           xp[k * W16 + xp_pos(static_cast<int>(g0) + j)] = q;
         }
       continue;
     }
+    const __m256 inv_lo = inv8_avx2(p, m0 + g0), inv_hi = inv8_avx2(p, m0 + g0 + 8);  // tokens 0-7, 8-15
+    const __m256i zp_lo = zp8_avx2(p, m0 + g0), zp_hi = zp8_avx2(p, m0 + g0 + 8);
     int64_t k = 0;
     if (p.x_t) {
       for (; k < K; ++k) {
         const float* src = p.x + k * p.M + m0 + g0;
-        const __m256i v = _mm256_packs_epi32(quantize8_avx2(_mm256_loadu_ps(src), inv, zp),
-                                             quantize8_avx2(_mm256_loadu_ps(src + 8), inv, zp));
+        const __m256i v = _mm256_packs_epi32(quantize8_avx2(_mm256_loadu_ps(src), inv_lo, zp_lo),
+                                             quantize8_avx2(_mm256_loadu_ps(src + 8), inv_hi, zp_hi));
         _mm256_store_si256(reinterpret_cast<__m256i*>(xp + k * W16 + g0), v);
       }
     } else {
@@ -1065,14 +1119,14 @@ SB_AVX2 void pack_xp_avx2(const Problem& p, int64_t m0, int64_t w, int W16, int1
         transpose8x8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
         transpose8x8(b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]);
         for (int r = 0; r < 8; ++r) {
-          const __m256i v = _mm256_packs_epi32(quantize8_avx2(a[r], inv, zp), quantize8_avx2(b[r], inv, zp));
+          const __m256i v = _mm256_packs_epi32(quantize8_avx2(a[r], inv_lo, zp_lo), quantize8_avx2(b[r], inv_hi, zp_hi));
           _mm256_store_si256(reinterpret_cast<__m256i*>(xp + (k + r) * W16 + g0), v);
         }
       }
       for (; k < K; ++k)
         for (int j = 0; j < 16; ++j)
           xp[k * W16 + xp_pos(static_cast<int>(g0) + j)] =
-              quantize_generic(p.x[(m0 + g0 + j) * K + k], p.x_inv_scale, p.x_zp);
+              quantize_generic(p.x[(m0 + g0 + j) * K + k], inv_of(p, m0 + g0 + j), zp_of(p, m0 + g0 + j));
     }
   }
 }
@@ -1293,6 +1347,119 @@ void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx
   }
 }
 
+// Per-token 7-bit parameters of a finished hidden tile h [rows][W] (tokens j < w): what
+// activation_qparams(min(h[:, j]), max(h[:, j]), bits=7) returns, in double as there; scale / inv / zp
+// get kMaxW entries (tokens j >= w: 1, 1, 0). Returns false if a value of a valid token is not finite.
+bool token_qparams(const float* h, int64_t rows, int W, int64_t w, float* scale, float* inv, int32_t* zp) {
+  float mn[kMaxW], mx[kMaxW], sum[kMaxW];
+  for (int j = 0; j < W; ++j) mn[j] = INFINITY, mx[j] = -INFINITY, sum[j] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = h + r * W;
+    for (int j = 0; j < W; ++j) {  // vectorised across tokens; the sum turns NaN / inf into a non-finite total
+      mn[j] = row[j] < mn[j] ? row[j] : mn[j];
+      mx[j] = row[j] > mx[j] ? row[j] : mx[j];
+      sum[j] += row[j];
+    }
+  }
+  bool finite = true;
+  for (int j = 0; j < kMaxW; ++j) {
+    if (j >= w) {
+      scale[j] = inv[j] = 1.0f;
+      zp[j] = 0;
+      continue;
+    }
+    finite = finite && std::isfinite(sum[j]) && std::isfinite(mn[j]) && std::isfinite(mx[j]);
+    const double lo = std::min(0.0, static_cast<double>(mn[j])), hi = std::max(0.0, static_cast<double>(mx[j]));
+    const double sc = std::max((hi - lo) / 127.0, 1e-8);  // modifiers/quantization.py: _EPS
+    const double z = std::nearbyint(-lo / sc);            // round half to even, as Python's round()
+    scale[j] = static_cast<float>(sc);
+    inv[j] = 1.0f / scale[j];
+    zp[j] = static_cast<int32_t>(std::min(127.0, std::max(0.0, z)));
+  }
+  return finite;
+}
+
+// One INT8 work item (output rows [n_begin, n_end) of tokens m0 .. m0+w) in either layout, packing X
+// unless `ready`. `xa` is the packed X tile, `acc` the int32 accumulator block.
+void item_int8(const Problem& p, bool pairs, int64_t m0, int64_t w, int64_t n_begin, int64_t n_end, void* xa,
+               int32_t* acc, bool ready, bool use_avx2) {
+#if SB_X86
+  if (use_avx2) {
+    if (pairs) return item_q8p_avx2(p, m0, w, n_begin, n_end, static_cast<int16_t*>(xa), acc, ready);
+    return item_q8_avx2(p, m0, w, n_begin, n_end, static_cast<uint8_t*>(xa), acc, ready);
+  }
+#endif
+  (void)use_avx2;
+  if (pairs) return item_q8p_generic(p, m0, w, n_begin, n_end, static_cast<int16_t*>(xa), acc, ready);
+  item_q8_generic(p, m0, w, n_begin, n_end, static_cast<uint8_t*>(xa), acc, ready);
+}
+
+// Packs X tokens m0 .. m0+w into the layout of `pairs` (int16 XP) or quads (uint8 XQ).
+void pack_int8(const Problem& p, bool pairs, int64_t m0, int64_t w, void* xa, bool use_avx2) {
+  const int Wp = pairs ? static_cast<int>((w + 15) / 16) * 16 : static_cast<int>((w + 7) / 8) * 8;
+#if SB_X86
+  if (use_avx2) {
+    if (pairs) return pack_xp_avx2(p, m0, w, Wp, static_cast<int16_t*>(xa));
+    return pack_xq_avx2(p, m0, w, Wp, static_cast<uint8_t*>(xa));
+  }
+#endif
+  (void)use_avx2;
+  if (pairs) return pack_xp_generic(p, m0, w, Wp, static_cast<int16_t*>(xa));
+  pack_xq_generic(p, m0, w, Wp, static_cast<uint8_t*>(xa));
+}
+
+// Fused INT8 FFN: Y = act(X W1^T + b1) W2^T + b2 one 64-token tile at a time, X quantized per tensor
+// (p1's x_scale / x_zp), the hidden activations per token. FFN1's finished float rows (bias, activation)
+// go to the thread's hidden tile H [N1][W] (in L2, never to memory); then each token's (scale, zp) comes
+// from its own range over the tile, H is quantized into FFN2's packed layout and FFN2 runs on it. Per-token
+// quantization is what makes the fusion possible (a per-tensor scale needs every token's activations
+// before the first tile can be quantized) and it keeps each token's result independent of the batch.
+// Returns false if a hidden activation was not finite.
+bool run_ffn_q8(const Problem& p1, bool pairs1, const Problem& p2, bool pairs2, int num_threads, bool use_avx2) {
+  const int64_t M = p1.M;
+  const int64_t n_tiles = (M + kMaxW - 1) / kMaxW;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
+  std::atomic<bool> finite{true};
+#pragma omp parallel num_threads(nt)
+  {
+    static thread_local Scratch xa_buf, acc_buf, h_buf, xb_buf, tok_buf;
+    void* xa = xa_buf.get(static_cast<size_t>(p1.Kpad) * kMaxW);
+    int32_t* acc = reinterpret_cast<int32_t*>(acc_buf.get(static_cast<size_t>(std::max(p1.nb, p2.nb)) * kMaxW));
+    float* h = h_buf.get(static_cast<size_t>(p1.N) * kMaxW);
+    void* xb = xb_buf.get(static_cast<size_t>(p2.Kpad) * kMaxW);
+    float* tok = tok_buf.get(3 * kMaxW);  // per-token scale, 1 / scale, zero point (int32)
+    float* scale = tok;
+    float* inv = tok + kMaxW;
+    int32_t* zp = reinterpret_cast<int32_t*>(tok + 2 * kMaxW);
+#pragma omp single nowait
+    g_last_threads.store(omp_get_num_threads(), std::memory_order_relaxed);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t m0 = t * kMaxW, w = std::min<int64_t>(kMaxW, M - m0);
+      const int W1 = pairs1 ? static_cast<int>((w + 15) / 16) * 16 : static_cast<int>((w + 7) / 8) * 8;
+      Problem a = p1;
+      a.h_out = h;
+      item_int8(a, pairs1, m0, w, 0, p1.N, xa, acc, false, use_avx2);
+      if (!token_qparams(h, p1.N, W1, w, scale, inv, zp)) finite.store(false, std::memory_order_relaxed);
+      Problem hq = p2;  // FFN2's input: the hidden tile, feature-major, tokens 0 .. w
+      hq.x = h;
+      hq.M = W1;
+      hq.x_t = true;
+      hq.x_inv_tok = inv;
+      hq.x_zp_tok = zp;
+      hq.tok_m0 = 0;
+      pack_int8(hq, pairs2, 0, w, xb, use_avx2);
+      Problem b = p2;
+      b.x_scale_tok = scale;
+      b.x_inv_tok = inv;
+      b.x_zp_tok = zp;
+      b.tok_m0 = m0;
+      item_int8(b, pairs2, m0, w, 0, p2.N, xb, acc, true, use_avx2);
+    }
+  }
+  return finite.load();
+}
+
 // A fresh multi-MB output is a fresh mmap: every 4 KiB page faults on first write (~1 us
 // each here, 15 ms for a 4096 x 3072 output). Where transparent huge pages are in
 // "madvise" mode, ask for 2 MiB pages on our own buffer: 512x fewer faults.
@@ -1496,7 +1663,8 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
                    int64_t k_chunk, int64_t n_block, double x_scale, int64_t x_zero_point,
                    int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
                    int64_t tile_w, bool force_generic, bool pairs, int64_t act,
-                   const c10::optional<at::Tensor>& minmax) {
+                   const c10::optional<at::Tensor>& minmax, const c10::optional<at::Tensor>& x_scale_tok,
+                   const c10::optional<at::Tensor>& x_zp_tok) {
   // quads: 4 int8 weights per entry of col; pairs: 2 entries of col and one int32 (2 x int16) per pair
   TORCH_CHECK(qval.scalar_type() == at::kChar && qval.numel() == (pairs ? 2 : 4) * col.numel() && qval.is_contiguous(),
               "spmm_q8: qval must be a contiguous int8 tensor of 4 bytes per quad (quads: one col each; pairs: two)");
@@ -1517,6 +1685,31 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   p.x_scale = static_cast<float>(x_scale);
   p.x_inv_scale = 1.0f / static_cast<float>(x_scale);
   p.x_zp = static_cast<int32_t>(x_zero_point);
+  std::vector<float> tok_scale, tok_inv;
+  std::vector<int32_t> tok_zp;
+  const bool per_token = x_scale_tok.has_value() && x_scale_tok->defined();
+  TORCH_CHECK(per_token == (x_zp_tok.has_value() && x_zp_tok->defined()),
+              "spmm_q8: per-token quantization needs both x_scale_tok and x_zp_tok");
+  if (per_token) {  // copies padded to whole tiles (the kernels read a tile's worth of entries)
+    TORCH_CHECK(x_scale_tok->scalar_type() == at::kFloat && x_scale_tok->numel() == p.M && x_scale_tok->is_contiguous() &&
+                    x_zp_tok->scalar_type() == at::kInt && x_zp_tok->numel() == p.M && x_zp_tok->is_contiguous(),
+                "spmm_q8: x_scale_tok / x_zp_tok must be contiguous float32 / int32 [M] tensors");
+    const float* sc = x_scale_tok->data_ptr<float>();
+    const int32_t* zp = x_zp_tok->data_ptr<int32_t>();
+    tok_scale.assign(p.M + kMaxW, 1.0f);
+    tok_inv.assign(p.M + kMaxW, 1.0f);
+    tok_zp.assign(p.M + kMaxW, 0);
+    for (int64_t m = 0; m < p.M; ++m) {
+      TORCH_CHECK(sc[m] > 0 && std::isfinite(sc[m]) && zp[m] >= 0 && zp[m] <= 127,
+                  "spmm_q8: per-token scales must be positive and finite, zero points in [0, 127]");
+      tok_scale[m] = sc[m];
+      tok_inv[m] = 1.0f / sc[m];
+      tok_zp[m] = zp[m];
+    }
+    p.x_scale_tok = tok_scale.data();
+    p.x_inv_tok = tok_inv.data();
+    p.x_zp_tok = tok_zp.data();
+  }
   const bool avx2 = cpu().avx2_fma && !force_generic;
   p.vnni = avx2 && cpu().vnni;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
@@ -1527,29 +1720,86 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   return y;
 }
 
+// Checks of one INT8 packed weight; fills its fields of `p`.
+void set_weight_q8(Problem& p, int64_t K, const at::Tensor& order, const at::Tensor& row_ptr, const at::Tensor& col,
+                   const at::Tensor& qval, const at::Tensor& wscale, const at::Tensor& wsum,
+                   const c10::optional<at::Tensor>& bias, int64_t N, int64_t k_chunk, int64_t n_block, bool pairs) {
+  TORCH_CHECK(qval.scalar_type() == at::kChar && qval.numel() == (pairs ? 2 : 4) * col.numel() && qval.is_contiguous(),
+              "spmm_ffn_q8: qval must be a contiguous int8 tensor of 4 bytes per quad (quads: one col each; pairs: two)");
+  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.numel() == N && wscale.is_contiguous() &&
+                  wsum.scalar_type() == at::kInt && wsum.numel() == N && wsum.is_contiguous(),
+              "spmm_ffn_q8: wscale / wsum must be contiguous float32 / int32 [N] tensors");
+  set_weight(p, K, order, row_ptr, col, bias, N, k_chunk, n_block, !pairs);
+  p.qval = qval.data_ptr<int8_t>();
+  p.wscale = wscale.data_ptr<float>();
+  p.wsum = wsum.data_ptr<int32_t>();
+}
+
+at::Tensor spmm_ffn_q8(const at::Tensor& x, const at::Tensor& order1, const at::Tensor& row_ptr1, const at::Tensor& col1,
+                       const at::Tensor& qval1, const at::Tensor& wscale1, const at::Tensor& wsum1,
+                       const c10::optional<at::Tensor>& bias1, int64_t n1, int64_t k_chunk1, int64_t n_block1, bool pairs1,
+                       const at::Tensor& order2, const at::Tensor& row_ptr2, const at::Tensor& col2,
+                       const at::Tensor& qval2, const at::Tensor& wscale2, const at::Tensor& wsum2,
+                       const c10::optional<at::Tensor>& bias2, int64_t n2, int64_t k_chunk2, int64_t n_block2, bool pairs2,
+                       double x_scale, int64_t x_zero_point, int64_t num_threads, const c10::optional<at::Tensor>& out,
+                       int64_t act, bool force_generic) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "spmm_ffn_q8: x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(x_scale > 0 && std::isfinite(x_scale), "spmm_ffn_q8: x_scale must be positive and finite");
+  TORCH_CHECK(x_zero_point >= 0 && x_zero_point <= 127, "spmm_ffn_q8: x_zero_point must be in [0, 127]");
+  const int64_t M = x.size(0);
+  Problem p1, p2;
+  set_weight_q8(p1, x.size(1), order1, row_ptr1, col1, qval1, wscale1, wsum1, bias1, n1, k_chunk1, n_block1, pairs1);
+  set_weight_q8(p2, n1, order2, row_ptr2, col2, qval2, wscale2, wsum2, bias2, n2, k_chunk2, n_block2, pairs2);
+  at::Tensor y = output_tensor(out, M, n2, x, "spmm_ffn_q8");
+  p1.x = x.data_ptr<float>();
+  p1.y = nullptr;  // its output is the hidden tile
+  p2.x = nullptr;  // its input is that tile
+  p2.y = y.data_ptr<float>();
+  p1.M = p2.M = M;
+  p1.x_t = p1.y_t = p2.x_t = p2.y_t = false;  // token-major input and output
+  p1.x_scale = static_cast<float>(x_scale);
+  p1.x_inv_scale = 1.0f / p1.x_scale;
+  p1.x_zp = static_cast<int32_t>(x_zero_point);
+  set_epilogue(p1, act, c10::nullopt);
+  if (M == 0 || n2 == 0) return y;
+  const bool avx2 = cpu().avx2_fma && !force_generic;
+  p1.vnni = p2.vnni = avx2 && cpu().vnni;
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  TORCH_CHECK(run_ffn_q8(p1, pairs1, p2, pairs2, threads, avx2),
+              "spmm_ffn_q8: the hidden activations hold NaN or infinite values (cannot quantize them)");
+  return y;
+}
+
 }  // namespace
 
 namespace sparsebert {
 at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                        const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512,
-                       const c10::optional<at::Tensor>& out);  // attention.cpp
+                       const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& minmax);  // attention.cpp
 void add_layernorm_(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                    int64_t num_threads, int isa);  // layernorm.cpp
+                    int64_t num_threads, int isa, float* minmax);  // layernorm.cpp
 }
 
 namespace {
 
 at::Tensor attention(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                      const c10::optional<at::Tensor>& mask, int64_t num_threads, bool force_generic,
-                     const c10::optional<at::Tensor>& out) {
+                     const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& minmax) {
   return sparsebert::attention_t(qkv_t, batch, seq, heads, head_dim, mask, num_threads, cpu().avx512 && !force_generic,
-                                 out);
+                                 out, minmax);
 }
 
 void add_layernorm(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                   int64_t num_threads, bool force_generic) {
+                   int64_t num_threads, bool force_generic, const c10::optional<at::Tensor>& minmax) {
   const int level = force_generic ? 0 : cpu().avx512 ? 2 : cpu().avx2_fma ? 1 : 0;
-  sparsebert::add_layernorm_(a, residual, gamma, beta, eps, num_threads, level);
+  float* mm = nullptr;
+  if (minmax.has_value() && minmax->defined()) {
+    TORCH_CHECK(minmax->scalar_type() == at::kFloat && minmax->numel() == 2 && minmax->is_contiguous(),
+                "add_layernorm_: minmax must be a contiguous float32 tensor of 2 elements");
+    mm = minmax->data_ptr<float>();
+  }
+  sparsebert::add_layernorm_(a, residual, gamma, beta, eps, num_threads, level, mm);
 }
 
 std::string isa() {
@@ -1585,18 +1835,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_block"), py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"),
         py::arg("out") = py::none(), py::arg("x_t") = false, py::arg("y_t") = false,
         py::arg("tile_w") = 64, py::arg("force_generic") = false, py::arg("pairs") = false,
-        py::arg("act") = 0, py::arg("minmax") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("act") = 0, py::arg("minmax") = py::none(), py::arg("x_scale_tok") = py::none(),
+        py::arg("x_zp_tok") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("spmm_ffn_q8", &spmm_ffn_q8,
+        "Y = act(X @ W1^T + b1) @ W2^T + b2 in INT8 (two packed int8 weights, quads or pairs): X quantized per "
+        "tensor with (x_scale, x_zero_point), the hidden activations per token inside the fused tile",
+        py::arg("x"), py::arg("order1"), py::arg("row_ptr1"), py::arg("col1"), py::arg("qval1"), py::arg("wscale1"),
+        py::arg("wsum1"), py::arg("bias1"), py::arg("n1"), py::arg("k_chunk1"), py::arg("n_block1"), py::arg("pairs1"),
+        py::arg("order2"), py::arg("row_ptr2"), py::arg("col2"), py::arg("qval2"), py::arg("wscale2"),
+        py::arg("wsum2"), py::arg("bias2"), py::arg("n2"), py::arg("k_chunk2"), py::arg("n_block2"), py::arg("pairs2"),
+        py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"), py::arg("out") = py::none(),
+        py::arg("act") = 0, py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
   m.def("attention_t", &attention,
         "softmax(Q K^T / sqrt(D) + mask) V per head on feature-major activations: qkv_t [3*H*D, B*S] -> "
         "ctx_t [H*D, B*S] (see attention.cpp)",
         py::arg("qkv_t"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"),
         py::arg("mask"), py::arg("num_threads"), py::arg("force_generic") = false, py::arg("out") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("add_layernorm_", &add_layernorm,
         "a = LayerNorm(a + residual) * gamma + beta over the last dim, in place (see layernorm.cpp)",
         py::arg("a"), py::arg("residual"), py::arg("gamma"), py::arg("beta"), py::arg("eps"),
-        py::arg("num_threads"), py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("num_threads"), py::arg("force_generic") = false, py::arg("minmax") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("transpose", &transpose, "out[C, R] = x[R, C]^T for a contiguous float32 x (8x8 register transposes)",
         py::arg("x"), py::arg("num_threads"), py::arg("out") = py::none(), py::arg("force_generic") = false,
         py::call_guard<py::gil_scoped_release>());
