@@ -64,6 +64,7 @@ def profile(model: torch.nn.Module, precision: str, batch: int, calls: int) -> t
     timed(sl.SparseLinear, "run", lambda a: f"Linear {role[id(a[0])]} ({a[0].format})")
     timed(SparseLinearInt8, "run", lambda a: f"Linear {role[id(a[0])]} ({a[0].format})")
     timed(bert, "fused_ffn", lambda a: f"fused FFN1 + FFN2 ({a[0].format})")
+    timed(bert, "fused_ffn_int8", lambda a: f"fused FFN1 + FFN2 ({a[0].format} / {a[1].format})")
     timed(bert, "_add_layernorm", lambda a: "residual add + LayerNorm")
     attention = bert._fused_attention()
     if attention is not None:

@@ -10,17 +10,19 @@ weights too dense to gain, csr or block4 otherwise). Attention runs in the fused
 The Hugging Face embeddings module, pooler and task head stay torch (FP32 in both precisions).
 
 Activations are token-major ``[batch * seq, H]`` (measured faster than feature-major for the FFN
-at batch 32). GELU/ReLU run in the FFN1 kernel's epilogue; in INT8 that epilogue also measures
-the range of the FFN activation, so FFN2 quantizes its input without another pass. In FP32, once
-the tokens fill a 64-token tile per thread, both FFN layers run as one kernel call
-(:func:`.sparse_linear.fused_ffn`): the ``[tokens, 4H]`` hidden activations never leave the cache.
+at batch 32). GELU/ReLU run in the FFN1 kernel's epilogue. Once the tokens fill a 64-token tile
+per thread, both FFN layers run as one kernel call (:func:`.sparse_linear.fused_ffn`, INT8
+:func:`.quantized_linear.fused_ffn_int8`): the ``[tokens, 4H]`` hidden activations never leave the cache.
 Intermediate activations go to per-thread buffers reused from call to call (``_Workspace``), so a
 batch-32 forward does not page-fault ~1.3 GB of fresh memory in.
 
 INT8 (``precision="int8"``): the encoder Linear layers use per-output-channel symmetric int8
 weights (the QAT scales of ``quantization.json`` when present, QAT-quantized embedding tables
-baked in as there) and dynamic per-tensor 7-bit activations (see :mod:`.quantized_linear`);
-:func:`int8_reference_model` builds the fake-quant PyTorch model that this reproduces.
+baked in as there) and dynamic 7-bit activations (see :mod:`.quantized_linear`): per tensor for
+QKV, attention output and FFN1, each range measured by the kernel that wrote the tensor (LayerNorm,
+attention), so no layer makes a min/max pass of its own; per token for FFN2, whose input is the
+fused FFN's hidden tile. :func:`int8_reference_model` builds the fake-quant PyTorch model that this
+reproduces.
 """
 
 from __future__ import annotations
