@@ -36,10 +36,8 @@ def test_attention_matches_sdpa(b, s, h, d, masked, generic):
     assert got.shape == (h * d, b * s)
     assert float((got - _reference(qkv_t, b, s, h, d, mask)).abs().max()) < 1e-5
     out = torch.full((h * d, b * s), float("nan"))  # a reused buffer: every element overwritten
-    minmax = torch.full((2,), float("nan"))
-    assert mod.attention_t(qkv_t, b, s, h, d, mask, 2, generic, out, minmax).data_ptr() == out.data_ptr()
+    assert mod.attention_t(qkv_t, b, s, h, d, mask, 2, generic, out).data_ptr() == out.data_ptr()
     assert torch.equal(out, got)
-    assert torch.equal(minmax, torch.stack(torch.aminmax(got)))  # the range of what it wrote, for INT8
 
 
 def test_attention_rejects_bad_shapes():
@@ -105,3 +103,90 @@ def test_transpose_matches_torch(rows, cols, generic):
     assert transpose(x, 2, out=out) is out and torch.equal(out, x.t())
     with pytest.raises(RuntimeError, match="out must be"):
         mod.transpose(x, 2, torch.empty(rows + 1, cols))
+
+
+def _block_layers(precision: str, fmt: str, hidden: int, out_features: int, g: torch.Generator):
+    from sparsebert.engine import SparseLinear, SparseLinearInt8
+
+    def weight(n, k):
+        if fmt == "block4":
+            keep = (torch.rand(n, (k + 3) // 4, generator=g) >= 0.7).repeat_interleave(4, dim=1)[:, :k]
+        else:
+            keep = torch.rand(n, k, generator=g) >= 0.8
+        return torch.randn(n, k, generator=g) * keep * 0.3
+
+    make = [
+        lambda w, b: SparseLinear.from_dense(w, b, pattern=fmt),
+        lambda w, b: SparseLinearInt8.from_dense(w, b, layout="quads" if fmt == "block4" else "pairs"),
+    ][precision == "int8"]
+    qkv = make(weight(3 * hidden, hidden), torch.randn(3 * hidden, generator=g))
+    o = make(weight(out_features, hidden), torch.randn(out_features, generator=g))
+    return qkv, o
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("fmt", ["unstructured", "block4"])
+@pytest.mark.parametrize("b,s,h,d,masked", [(2, 70, 3, 16, True), (4, 130, 2, 24, False), (2, 5, 4, 8, True)])
+def test_attention_block_matches_unfused(precision, fmt, b, s, h, d, masked):
+    """attention_block (QKV -> attention -> output layer, one sequence per thread, intermediates in
+    cache) gives the unfused layers' result: bit for bit on the SIMD path, within rounding on the
+    portable one."""
+    from sparsebert.engine import bert
+
+    g = torch.Generator().manual_seed(b * 1000 + s + h + d)
+    hidden, out_features = h * d, 37
+    qkv, o = _block_layers(precision, fmt, hidden, out_features, g)
+    x = torch.randn(b * s, hidden, generator=g) * 2 + 0.2
+    mask = None
+    if masked:
+        keep = torch.ones(b, s)
+        keep[1, max(1, s // 3):] = 0
+        mask = ((1.0 - keep) * torch.finfo(torch.float32).min).contiguous()
+    int8 = precision == "int8"
+    qkv_t = qkv.run(x, y_t=True)
+    ctx_t = mod.attention_t(qkv_t, b, s, h, d, mask, 2, False)
+    expected = o.run(ctx_t, x_t=True, per_token=True) if int8 else o.run(ctx_t, x_t=True)
+    out = torch.full((b * s, out_features), float("nan"))
+    with torch.inference_mode():
+        torch.set_num_threads(2)
+        got = bert._attention_block(qkv, o, x, b, s, h, d, mask, None, out)
+    assert got is out
+    # The same sums; a sequence's last token tile may be narrower than the unfused one at that position,
+    # and tiles of an odd number of 8-token registers run the AVX2 loop (FP32 block4 sums its four
+    # weights in another order there): float rounding, which in INT8 can move a context value across a
+    # 7-bit rounding boundary (one grid step times a weight).
+    step = float(ctx_t.abs().max() / 63 * o.dequantized_weight().abs().max()) if int8 else 0.0
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + step
+    assert float((got - expected).abs().gt(1e-5 * float(expected.abs().max())).float().mean()) < 0.02
+    from sparsebert.engine.quantized_linear import activation_qparams_7bit
+
+    sx, zp = activation_qparams_7bit(x) if int8 else (1.0, 0)
+    codes = bert._BLOCK_FMT
+    vals = (lambda m: m.qval) if int8 else (lambda m: m.val)
+    extra = (lambda m: (m.wscale, m.wsum)) if int8 else (lambda m: (None, None))
+    generic = mod.attention_block(x, mask, b, s, h, d, qkv.order, qkv.row_ptr, qkv.col, vals(qkv), *extra(qkv), qkv.bias,
+                                  qkv.k_chunk, qkv.n_block, codes[qkv.format], o.order, o.row_ptr, o.col, vals(o),
+                                  *extra(o), o.bias, out_features, o.k_chunk, o.n_block, codes[o.format], sx, zp, 2,
+                                  None, True)
+    # Portable path: other float rounding (no FMA); in INT8 a context value may cross a 7-bit rounding
+    # boundary, moving an output by one grid step times a weight.
+    tol = 1e-4 * float(expected.abs().max())
+    if int8:
+        tol += float(ctx_t.abs().max() / 63 * o.dequantized_weight().abs().max())
+    assert float((generic - expected).abs().max()) <= tol
+
+
+def test_attention_block_applies_only_where_it_can():
+    from sparsebert.engine import SparseLinear, bert
+
+    g = torch.Generator().manual_seed(7)
+    qkv, o = _block_layers("fp32", "unstructured", 32, 32, g)
+    x, out = torch.randn(3 * 8, 32, generator=g), torch.empty(3 * 8, 32)
+    torch.set_num_threads(2)
+    assert bert._attention_block(qkv, o, x[:16], 2, 8, 2, 16, None, None, out[:16]) is not None
+    assert bert._attention_block(qkv, o, x[:8], 1, 8, 2, 16, None, None, out[:8]) is None  # a thread would idle
+    assert bert._attention_block(qkv, o, x, 3, 8, 2, 16, None, None, out) is None  # 2 + 1 sequences: uneven
+    dense = SparseLinear.from_dense(torch.randn(32, 32), None, pattern="dense")
+    assert bert._attention_block(qkv, dense, x[:16], 2, 8, 2, 16, None, None, out[:16]) is None
+    int8_qkv, _ = _block_layers("int8", "unstructured", 32, 32, g)
+    assert bert._attention_block(int8_qkv, o, x[:16], 2, 8, 2, 16, None, None, out[:16]) is None  # mixed precision

@@ -331,13 +331,11 @@ class SparseLinearInt8(torch.nn.Module):
         (``[N, M]`` when ``y_t``), no autograd. ``act`` / ``minmax`` / ``out``: the kernel epilogue and
         the output buffer, as in :meth:`SparseLinear.run`. ``x_range``: ``(min, max)`` of ``x`` when
         already known (e.g. the previous layer's ``minmax``), which saves a pass over ``x``.
-        ``per_token``: quantize each row of ``x`` (token-major only) with its own ``(scale, zp)``."""
+        ``per_token``: quantize each token (row of ``x``, column when ``x_t``) with its own ``(scale, zp)``."""
         # No torch.no_grad decorator and positional kernel arguments: see SparseLinear.run.
         x = x.contiguous()
         if per_token:
-            if x_t:
-                raise ValueError("per_token quantization takes token-major x ([M, K], x_t=False)")
-            sx, zp = activation_qparams_per_token(x)
+            sx, zp = activation_qparams_per_token(x.t() if x_t else x)
         else:
             sx, zp = activation_qparams_7bit(x, x_range)
         mod = _kernels.load() if self.format != "dense" else None
@@ -364,10 +362,12 @@ class SparseLinearInt8(torch.nn.Module):
                out: torch.Tensor | None = None) -> torch.Tensor:
         # Integer math in float32: |sum of products| <= 127 * 127 * K < 2**24 for K <= 1040; above
         # that the float32 sum may round (relative error ~1e-7, far below the quantization step).
-        per_token = isinstance(sx, torch.Tensor)  # [M] scales / zero points (token-major x)
-        xq = _quantize_x(x, sx, zp).sub_(zp[:, None].float() if per_token else zp)
-        if x_t:
-            xq = xq.t()
+        per_token = isinstance(sx, torch.Tensor)  # [M] scales / zero points
+        if per_token:
+            xq = _quantize_x(x.t() if x_t else x, sx, zp).sub_(zp[:, None].float())
+        else:
+            xq = _quantize_x(x, sx, zp).sub_(zp)
+            xq = xq.t() if x_t else xq
         acc = torch.mm(xq, self.weight_q.t(), out=None if y_t else out)  # [M, N]
         y = acc.mul_(sx[:, None] * self.wscale) if per_token else acc.mul_(self.wscale * sx)
         if self.bias is not None:

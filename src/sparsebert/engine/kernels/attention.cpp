@@ -16,9 +16,6 @@
 // Same arithmetic as softmax(Q K^T / sqrt(D) + mask) V (Vaswani et al. 2017), no approximation
 // beyond a float32 exp polynomial (relative error < 2e-7).
 //
-// With `minmax`, the range of ctx (min, max) is measured as it is stored: the INT8 attention-output layer
-// quantizes its input with it, without another pass.
-//
 // Work items (head, sequence, query block) are spread over OpenMP threads. Only the AVX-512 path is
 // fast; the portable path (plain loops) is the reference and runs anywhere.
 
@@ -64,7 +61,7 @@ float* scratch(size_t n) {
   return reinterpret_cast<float*>((p + 63) & ~std::uintptr_t(63));
 }
 
-void item_generic(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni, float& lo, float& hi) {
+void item_generic(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni) {
   const int64_t S = a.S, D = a.D, M = a.M, HD = a.H * a.D, c0 = b * S;
   float* p = scratch(static_cast<size_t>(S) * kQueries);
   for (int64_t i = 0; i < ni; ++i) {
@@ -86,10 +83,7 @@ void item_generic(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni, fl
     for (int64_t d = 0; d < D; ++d) {
       float o = 0.f;
       for (int64_t j = 0; j < S; ++j) o += a.qkv[(2 * HD + h * D + d) * M + c0 + j] * p[j * kQueries + i];
-      const float y = o / l;
-      a.out[(h * D + d) * M + c0 + i0 + i] = y;
-      lo = std::min(lo, y);
-      hi = std::max(hi, y);
+      a.out[(h * D + d) * M + c0 + i0 + i] = o / l;
     }
   }
 }
@@ -127,7 +121,7 @@ SB_ATT_AVX512 inline void scores512(const Att& a, const float* qs, const float* 
 // Phase 3 for features d0 .. d0+DB-1.
 template <int NI, int DB>
 SB_ATT_AVX512 inline void context512(const Att& a, const float* vt, const float* p, const __m512* inv_l, int64_t d0,
-                                     __mmask16 last, float* out, __m512& lo, __m512& hi) {
+                                     __mmask16 last, float* out) {
   __m512 acc[DB][NI];
   for (int r = 0; r < DB; ++r)
     for (int n = 0; n < NI; ++n) acc[r][n] = _mm512_setzero_ps();
@@ -141,17 +135,13 @@ SB_ATT_AVX512 inline void context512(const Att& a, const float* vt, const float*
     }
   }
   for (int r = 0; r < DB; ++r)
-    for (int n = 0; n < NI; ++n) {
-      const __mmask16 k = n == NI - 1 ? last : __mmask16(0xFFFF);
-      const __m512 y = _mm512_mul_ps(acc[r][n], inv_l[n]);
-      _mm512_mask_storeu_ps(out + (d0 + r) * a.M + 16 * n, k, y);
-      lo = _mm512_mask_min_ps(lo, k, lo, y);
-      hi = _mm512_mask_max_ps(hi, k, hi, y);
-    }
+    for (int n = 0; n < NI; ++n)
+      _mm512_mask_storeu_ps(out + (d0 + r) * a.M + 16 * n, n == NI - 1 ? last : __mmask16(0xFFFF),
+                            _mm512_mul_ps(acc[r][n], inv_l[n]));
 }
 
 template <int NI>
-SB_ATT_AVX512 void item512(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni, float& lo_out, float& hi_out) {
+SB_ATT_AVX512 void item512(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni) {
   const int64_t S = a.S, D = a.D, M = a.M, HD = a.H * a.D, c0 = b * S;
   const __mmask16 last = static_cast<__mmask16>((1u << (ni - 16 * (NI - 1))) - 1u);
   const float* qt = a.qkv + (h * D) * M + c0 + i0;
@@ -191,29 +181,45 @@ SB_ATT_AVX512 void item512(const Att& a, int64_t b, int64_t h, int64_t i0, int64
   __m512 inv_l[NI];
   for (int n = 0; n < NI; ++n) inv_l[n] = _mm512_div_ps(_mm512_set1_ps(1.0f), l[n]);
   float* out = a.out + (h * D) * M + c0 + i0;
-  __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
   int64_t d = 0;
-  for (; d + kRows <= D; d += kRows) context512<NI, kRows>(a, vt, p, inv_l, d, last, out, lo, hi);
-  for (; d < D; ++d) context512<NI, 1>(a, vt, p, inv_l, d, last, out, lo, hi);
-  lo_out = std::min(lo_out, _mm512_reduce_min_ps(lo));
-  hi_out = std::max(hi_out, _mm512_reduce_max_ps(hi));
+  for (; d + kRows <= D; d += kRows) context512<NI, kRows>(a, vt, p, inv_l, d, last, out);
+  for (; d < D; ++d) context512<NI, 1>(a, vt, p, inv_l, d, last, out);
 }
 
-SB_ATT_AVX512 void item_avx512(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni, float& lo, float& hi) {
+SB_ATT_AVX512 void item_avx512(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni) {
   switch ((ni + 15) / 16) {
-    case 1: item512<1>(a, b, h, i0, ni, lo, hi); break;
-    case 2: item512<2>(a, b, h, i0, ni, lo, hi); break;
-    case 3: item512<3>(a, b, h, i0, ni, lo, hi); break;
-    default: item512<4>(a, b, h, i0, ni, lo, hi); break;
+    case 1: item512<1>(a, b, h, i0, ni); break;
+    case 2: item512<2>(a, b, h, i0, ni); break;
+    case 3: item512<3>(a, b, h, i0, ni); break;
+    default: item512<4>(a, b, h, i0, ni); break;
   }
 }
 #endif
 
 }  // namespace
 
+// One sequence, all heads, on the calling thread (the fused attention block of sparse_kernels.cpp):
+// qkv [3HD, S] and out [HD, S] feature-major with row stride S, mask [S] or nullptr.
+void attention_sequence(const float* qkv, const float* mask, float* out, int64_t S, int64_t heads, int64_t head_dim,
+                        bool avx512) {
+  const Att a{qkv, mask, out, S, S, heads, head_dim, 1.0f / std::sqrt(static_cast<float>(head_dim))};
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i0 = 0; i0 < S; i0 += kQueries) {
+      const int64_t ni = std::min<int64_t>(kQueries, S - i0);
+#if SB_ATT_X86
+      if (avx512) {
+        item_avx512(a, 0, h, i0, ni);
+        continue;
+      }
+#endif
+      (void)avx512;
+      item_generic(a, 0, h, i0, ni);
+    }
+}
+
 at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                        const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512,
-                       const c10::optional<at::Tensor>& out_opt, const c10::optional<at::Tensor>& minmax) {
+                       const c10::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(qkv_t.scalar_type() == at::kFloat && qkv_t.dim() == 2 && qkv_t.is_contiguous(),
               "attention_t: qkv_t must be a contiguous float32 [3*heads*head_dim, batch*seq] tensor");
   TORCH_CHECK(batch >= 0 && seq >= 0 && heads > 0 && head_dim > 0, "attention_t: bad sizes");
@@ -235,13 +241,6 @@ at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int6
   } else {
     out = at::empty({heads * head_dim, batch * seq}, qkv_t.options());
   }
-  float* mm = nullptr;
-  if (minmax.has_value() && minmax->defined()) {
-    TORCH_CHECK(minmax->scalar_type() == at::kFloat && minmax->numel() == 2 && minmax->is_contiguous(),
-                "attention_t: minmax must be a contiguous float32 tensor of 2 elements");
-    mm = minmax->data_ptr<float>();
-    mm[0] = INFINITY, mm[1] = -INFINITY;
-  }
   if (batch == 0 || seq == 0) return out;
   Att a{qkv_t.data_ptr<float>(), mk, out.data_ptr<float>(), batch * seq, seq, heads, head_dim,
         1.0f / std::sqrt(static_cast<float>(head_dim))};
@@ -253,28 +252,17 @@ at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int6
   const bool fast = false;
   (void)avx512;
 #endif
-#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, num_threads)))
-  {
-    float lo = INFINITY, hi = -INFINITY;
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t blk = it % blocks, h = (it / blocks) % heads, b = it / (blocks * heads);
-      const int64_t i0 = blk * kQueries, ni = std::min<int64_t>(kQueries, seq - i0);
+#pragma omp parallel for num_threads(static_cast<int>(std::max<int64_t>(1, num_threads))) schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t blk = it % blocks, h = (it / blocks) % heads, b = it / (blocks * heads);
+    const int64_t i0 = blk * kQueries, ni = std::min<int64_t>(kQueries, seq - i0);
 #if SB_ATT_X86
-      if (fast) {
-        item_avx512(a, b, h, i0, ni, lo, hi);
-        continue;
-      }
+    if (fast) {
+      item_avx512(a, b, h, i0, ni);
+      continue;
+    }
 #endif
-      item_generic(a, b, h, i0, ni, lo, hi);
-    }
-    if (mm != nullptr) {
-#pragma omp critical(sparsebert_attention_range)
-      {
-        mm[0] = std::min(mm[0], lo);
-        mm[1] = std::max(mm[1], hi);
-      }
-    }
+    item_generic(a, b, h, i0, ni);
   }
   return out;
 }

@@ -90,6 +90,12 @@
 #define SB_X86 0
 #endif
 
+namespace sparsebert {
+// attention.cpp: one sequence, all heads, on the calling thread (feature-major, row stride S).
+void attention_sequence(const float* qkv, const float* mask, float* out, int64_t S, int64_t heads, int64_t head_dim,
+                        bool avx512);
+}  // namespace sparsebert
+
 namespace {
 
 constexpr int kMaxR = 8;          // accumulators per output row -> widest tile: 64 tokens
@@ -149,7 +155,7 @@ struct Problem {
   int64_t Kpad;             // K rounded up to the block size (XT rows, zero padded)
   int64_t n_kc;             // number of K chunks
   int64_t nb;               // output rows per block
-  bool x_t, y_t;            // feature-major ("transposed") activations: no transposes needed
+  bool x_t = false, y_t = false;  // feature-major ("transposed") activations: no transposes needed
   // Q8 only
   const int8_t* qval = nullptr;    // [4 * entries] int8 weights, a quad per entry
   const float* wscale = nullptr;   // [N] weight scale per output row
@@ -920,7 +926,24 @@ SB_AVX2 inline void q8_row_avx2(const uint8_t* __restrict xq, const int32_t* __r
 }
 
 SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t m0, int64_t n0, int64_t rows) {
-  if (p.x_scale_tok != nullptr) return q8_dequant_generic(p, yt, W8, m0, n0, rows);  // per token: auto-vectorised
+  if (p.x_scale_tok != nullptr) {  // per-token (sx, zp): one vector of each per 8 tokens, as the AVX-512 version
+    const float* sx = p.x_scale_tok + (m0 - p.tok_m0);
+    const int32_t* zp = p.x_zp_tok + (m0 - p.tok_m0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t n = n0 + i;
+      const __m256i ws = _mm256_set1_epi32(p.wsum[n]);
+      const __m256 sw = _mm256_set1_ps(p.wscale[n]);
+      const __m256 b = _mm256_set1_ps(p.bias ? p.bias[n] : 0.0f);
+      int32_t* a = yt + i * W8;
+      for (int j = 0; j < W8; j += 8) {
+        const __m256i c = _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zp + j)), ws);
+        const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(sx + j), sw);
+        const __m256i v = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + j)), c);
+        _mm256_store_ps(reinterpret_cast<float*>(a + j), _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sc, b));
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = n0 + i;
     const __m256i c = _mm256_set1_epi32(p.x_zp * p.wsum[n]);
@@ -1347,15 +1370,15 @@ void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx
   }
 }
 
-// Per-token 7-bit parameters of a finished hidden tile h [rows][W] (tokens j < w): what
+// Per-token 7-bit parameters of tokens j < w (<= 64) of a feature-major tile h (rows of stride ld): what
 // activation_qparams(min(h[:, j]), max(h[:, j]), bits=7) returns, in double as there; scale / inv / zp
 // get kMaxW entries (tokens j >= w: 1, 1, 0). Returns false if a value of a valid token is not finite.
-bool token_qparams(const float* h, int64_t rows, int W, int64_t w, float* scale, float* inv, int32_t* zp) {
+bool token_qparams(const float* h, int64_t ld, int64_t rows, int64_t w, float* scale, float* inv, int32_t* zp) {
   float mn[kMaxW], mx[kMaxW], sum[kMaxW];
-  for (int j = 0; j < W; ++j) mn[j] = INFINITY, mx[j] = -INFINITY, sum[j] = 0.0f;
+  for (int j = 0; j < kMaxW; ++j) mn[j] = INFINITY, mx[j] = -INFINITY, sum[j] = 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = h + r * W;
-    for (int j = 0; j < W; ++j) {  // vectorised across tokens; the sum turns NaN / inf into a non-finite total
+    const float* row = h + r * ld;
+    for (int j = 0; j < w; ++j) {  // vectorised across tokens; the sum turns NaN / inf into a non-finite total
       mn[j] = row[j] < mn[j] ? row[j] : mn[j];
       mx[j] = row[j] > mx[j] ? row[j] : mx[j];
       sum[j] += row[j];
@@ -1440,7 +1463,7 @@ bool run_ffn_q8(const Problem& p1, bool pairs1, const Problem& p2, bool pairs2, 
       Problem a = p1;
       a.h_out = h;
       item_int8(a, pairs1, m0, w, 0, p1.N, xa, acc, false, use_avx2);
-      if (!token_qparams(h, p1.N, W1, w, scale, inv, zp)) finite.store(false, std::memory_order_relaxed);
+      if (!token_qparams(h, W1, p1.N, w, scale, inv, zp)) finite.store(false, std::memory_order_relaxed);
       Problem hq = p2;  // FFN2's input: the hidden tile, feature-major, tokens 0 .. w
       hq.x = h;
       hq.M = W1;
@@ -1455,6 +1478,75 @@ bool run_ffn_q8(const Problem& p1, bool pairs1, const Problem& p2, bool pairs2, 
       b.x_zp_tok = zp;
       b.tok_m0 = m0;
       item_int8(b, pairs2, m0, w, 0, p2.N, xb, acc, true, use_avx2);
+    }
+  }
+  return finite.load();
+}
+
+// Packed weight formats of the attention block: FP32 csr / block4, INT8 quads / pairs.
+enum BlockFmt : int64_t { kCsr = 0, kBlock4 = 1, kQuads = 2, kPairs = 3 };
+
+// One work item of a layer in any format: output rows [0, N) of tokens m0 .. m0+w (X packed here).
+void item_any(const Problem& p, int64_t fmt, int64_t m0, int64_t w, float* xa, float* acc, bool use_avx2) {
+  switch (fmt) {
+    case kCsr: return item_fp32<Format::CSR>(p, m0, w, 0, p.N, xa, acc, false, use_avx2);
+    case kBlock4: return item_fp32<Format::BLOCK4>(p, m0, w, 0, p.N, xa, acc, false, use_avx2);
+    default: return item_int8(p, fmt == kPairs, m0, w, 0, p.N, xa, reinterpret_cast<int32_t*>(acc), false, use_avx2);
+  }
+}
+
+// Fused attention block, one sequence per work item and thread (batch split across threads):
+//   QKV^T [3HD, S] = QKV(x rows of the sequence)           feature-major, thread-local (L2)
+//   ctx^T [HD, S]  = attention(QKV^T)                      attention.cpp, thread-local
+//   a rows         = O(ctx^T)                              token-major, the output
+// Neither the [3HD, tokens] projections nor the context go through memory. In INT8, QKV's input is
+// quantized per tensor (p_qkv's x_scale / x_zp) and O's per token (each token's own range over
+// ctx^T), as the unfused path does.
+// Returns false if a context value was not finite (INT8 cannot quantize it).
+bool run_attention_block(const Problem& p_qkv, int64_t fmt_qkv, const Problem& p_o, int64_t fmt_o, const float* mask,
+                         int64_t batch, int64_t S, int64_t heads, int64_t head_dim, int num_threads, bool use_avx2,
+                         bool avx512_attention) {
+  const int64_t HD = heads * head_dim;
+  std::atomic<bool> finite{true};
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, batch)));
+#pragma omp parallel num_threads(nt)
+  {
+    static thread_local Scratch xa_buf, acc_buf, qkv_buf, ctx_buf, tok_buf;
+    float* xa = xa_buf.get(static_cast<size_t>(std::max(p_qkv.Kpad, p_o.Kpad)) * kMaxW);
+    float* acc = acc_buf.get(static_cast<size_t>(std::max(p_qkv.nb, p_o.nb)) * kMaxW);
+    float* qkv = qkv_buf.get(static_cast<size_t>(3 * HD) * S);
+    float* ctx = ctx_buf.get(static_cast<size_t>(HD) * S);
+    float* tok = tok_buf.get(3 * kMaxW);
+    int32_t* zp = reinterpret_cast<int32_t*>(tok + 2 * kMaxW);
+#pragma omp single nowait
+    g_last_threads.store(omp_get_num_threads(), std::memory_order_relaxed);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      Problem q = p_qkv;  // this sequence's tokens in, feature-major projections out
+      q.x = p_qkv.x + b * S * p_qkv.K;
+      q.M = S;
+      q.y = qkv;
+      q.x_t = false;
+      q.y_t = true;
+      for (int64_t m0 = 0; m0 < S; m0 += kMaxW) item_any(q, fmt_qkv, m0, std::min<int64_t>(kMaxW, S - m0), xa, acc, use_avx2);
+      sparsebert::attention_sequence(qkv, mask ? mask + b * S : nullptr, ctx, S, heads, head_dim, avx512_attention);
+      Problem o = p_o;  // the context in, this sequence's rows of the output out
+      o.x = ctx;
+      o.M = S;
+      o.y = p_o.y + b * S * p_o.N;
+      o.x_t = true;
+      o.y_t = false;
+      for (int64_t m0 = 0; m0 < S; m0 += kMaxW) {
+        const int64_t w = std::min<int64_t>(kMaxW, S - m0);
+        if (fmt_o == kQuads || fmt_o == kPairs) {
+          if (!token_qparams(ctx + m0, S, HD, w, tok, tok + kMaxW, zp)) finite.store(false, std::memory_order_relaxed);
+          o.x_scale_tok = tok;
+          o.x_inv_tok = tok + kMaxW;
+          o.x_zp_tok = zp;
+          o.tok_m0 = m0;
+        }
+        item_any(o, fmt_o, m0, w, xa, acc, use_avx2);
+      }
     }
   }
   return finite.load();
@@ -1771,12 +1863,68 @@ at::Tensor spmm_ffn_q8(const at::Tensor& x, const at::Tensor& order1, const at::
   return y;
 }
 
+// Checks of one packed weight of the attention block (any format); fills its fields of `p`.
+void set_weight_any(Problem& p, int64_t K, const at::Tensor& order, const at::Tensor& row_ptr, const at::Tensor& col,
+                    const at::Tensor& vals, const c10::optional<at::Tensor>& wscale, const c10::optional<at::Tensor>& wsum,
+                    const c10::optional<at::Tensor>& bias, int64_t N, int64_t k_chunk, int64_t n_block, int64_t fmt) {
+  TORCH_CHECK(fmt >= kCsr && fmt <= kPairs, "attention_block: fmt must be 0 (csr), 1 (block4), 2 (quads) or 3 (pairs)");
+  if (fmt >= kQuads) {
+    TORCH_CHECK(wscale.has_value() && wsum.has_value(), "attention_block: INT8 weights need wscale and wsum");
+    return set_weight_q8(p, K, order, row_ptr, col, vals, *wscale, *wsum, bias, N, k_chunk, n_block, fmt == kPairs);
+  }
+  TORCH_CHECK(vals.scalar_type() == at::kFloat && vals.numel() == col.numel() * (fmt == kBlock4 ? 4 : 1),
+              "attention_block: val must be float32 and match col");
+  set_weight(p, K, order, row_ptr, col, bias, N, k_chunk, n_block, fmt == kBlock4);
+  p.val = vals.data_ptr<float>();
+}
+
+at::Tensor attention_block(const at::Tensor& x, const c10::optional<at::Tensor>& mask, int64_t batch, int64_t seq,
+                           int64_t heads, int64_t head_dim, const at::Tensor& order1, const at::Tensor& row_ptr1,
+                           const at::Tensor& col1, const at::Tensor& vals1, const c10::optional<at::Tensor>& wscale1,
+                           const c10::optional<at::Tensor>& wsum1, const c10::optional<at::Tensor>& bias1, int64_t k_chunk1,
+                           int64_t n_block1, int64_t fmt1, const at::Tensor& order2, const at::Tensor& row_ptr2,
+                           const at::Tensor& col2, const at::Tensor& vals2, const c10::optional<at::Tensor>& wscale2,
+                           const c10::optional<at::Tensor>& wsum2, const c10::optional<at::Tensor>& bias2, int64_t n2,
+                           int64_t k_chunk2, int64_t n_block2, int64_t fmt2, double x_scale, int64_t x_zero_point,
+                           int64_t num_threads, const c10::optional<at::Tensor>& out, bool force_generic) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) == batch * seq,
+              "attention_block: x must be a contiguous float32 [batch * seq, hidden] tensor");
+  TORCH_CHECK((fmt1 >= kQuads) == (fmt2 >= kQuads), "attention_block: both layers FP32 or both INT8");
+  const int64_t HD = heads * head_dim;
+  const float* mk = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() && mask->numel() == batch * seq,
+                "attention_block: mask must be a contiguous float32 [batch, seq] tensor");
+    mk = mask->data_ptr<float>();
+  }
+  Problem p1, p2;
+  set_weight_any(p1, x.size(1), order1, row_ptr1, col1, vals1, wscale1, wsum1, bias1, 3 * HD, k_chunk1, n_block1, fmt1);
+  set_weight_any(p2, HD, order2, row_ptr2, col2, vals2, wscale2, wsum2, bias2, n2, k_chunk2, n_block2, fmt2);
+  at::Tensor y = output_tensor(out, batch * seq, n2, x, "attention_block");
+  p1.x = x.data_ptr<float>();
+  p2.y = y.data_ptr<float>();
+  p1.x_scale = static_cast<float>(x_scale);
+  p1.x_inv_scale = 1.0f / p1.x_scale;
+  p1.x_zp = static_cast<int32_t>(x_zero_point);
+  TORCH_CHECK(x_scale > 0 && std::isfinite(x_scale) && x_zero_point >= 0 && x_zero_point <= 127,
+              "attention_block: x_scale must be positive and finite, x_zero_point in [0, 127]");
+  if (batch == 0 || seq == 0 || n2 == 0) return y;
+  const bool avx2 = cpu().avx2_fma && !force_generic;
+  p1.avx512 = p2.avx512 = avx2 && cpu().avx512;
+  p1.vnni = p2.vnni = avx2 && cpu().vnni;
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  TORCH_CHECK(run_attention_block(p1, fmt1, p2, fmt2, mk, batch, seq, heads, head_dim, threads, avx2,
+                                  cpu().avx512 && !force_generic),
+              "attention_block: the attention context holds NaN or infinite values (cannot quantize it)");
+  return y;
+}
+
 }  // namespace
 
 namespace sparsebert {
 at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                        const c10::optional<at::Tensor>& mask, int64_t num_threads, bool avx512,
-                       const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& minmax);  // attention.cpp
+                       const c10::optional<at::Tensor>& out);  // attention.cpp
 void add_layernorm_(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
                     int64_t num_threads, int isa, float* minmax);  // layernorm.cpp
 }
@@ -1785,9 +1933,9 @@ namespace {
 
 at::Tensor attention(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                      const c10::optional<at::Tensor>& mask, int64_t num_threads, bool force_generic,
-                     const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& minmax) {
+                     const c10::optional<at::Tensor>& out) {
   return sparsebert::attention_t(qkv_t, batch, seq, heads, head_dim, mask, num_threads, cpu().avx512 && !force_generic,
-                                 out, minmax);
+                                 out);
 }
 
 void add_layernorm(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
@@ -1846,12 +1994,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("wsum2"), py::arg("bias2"), py::arg("n2"), py::arg("k_chunk2"), py::arg("n_block2"), py::arg("pairs2"),
         py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"), py::arg("out") = py::none(),
         py::arg("act") = 0, py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("attention_block", &attention_block,
+        "out = O(attention(QKV(x))) one sequence per thread, the projections and context kept in cache (FP32: "
+        "fmt 0 csr / 1 block4; INT8: 2 quads / 3 pairs, QKV input per tensor, O input per token)",
+        py::arg("x"), py::arg("mask"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"),
+        py::arg("order1"), py::arg("row_ptr1"), py::arg("col1"), py::arg("vals1"), py::arg("wscale1"), py::arg("wsum1"),
+        py::arg("bias1"), py::arg("k_chunk1"), py::arg("n_block1"), py::arg("fmt1"), py::arg("order2"),
+        py::arg("row_ptr2"), py::arg("col2"), py::arg("vals2"), py::arg("wscale2"), py::arg("wsum2"), py::arg("bias2"),
+        py::arg("n2"), py::arg("k_chunk2"), py::arg("n_block2"), py::arg("fmt2"), py::arg("x_scale"),
+        py::arg("x_zero_point"), py::arg("num_threads"), py::arg("out") = py::none(), py::arg("force_generic") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("attention_t", &attention,
         "softmax(Q K^T / sqrt(D) + mask) V per head on feature-major activations: qkv_t [3*H*D, B*S] -> "
         "ctx_t [H*D, B*S] (see attention.cpp)",
         py::arg("qkv_t"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"),
         py::arg("mask"), py::arg("num_threads"), py::arg("force_generic") = false, py::arg("out") = py::none(),
-        py::arg("minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::call_guard<py::gil_scoped_release>());
   m.def("add_layernorm_", &add_layernorm,
         "a = LayerNorm(a + residual) * gamma + beta over the last dim, in place (see layernorm.cpp)",
         py::arg("a"), py::arg("residual"), py::arg("gamma"), py::arg("beta"), py::arg("eps"),
