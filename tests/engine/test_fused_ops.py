@@ -158,6 +158,14 @@ def test_attention_block_matches_unfused(precision, fmt, b, s, h, d, masked):
     step = float(ctx_t.abs().max() / 63 * o.dequantized_weight().abs().max()) if int8 else 0.0
     assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + step
     assert float((got - expected).abs().gt(1e-5 * float(expected.abs().max())).float().mean()) < 0.02
+    # With the residual add + LayerNorm as its epilogue (and the range of the result):
+    residual = torch.randn(b * s, out_features, generator=g)
+    gamma, beta, minmax = torch.randn(out_features, generator=g), torch.randn(out_features, generator=g), torch.empty(2)
+    with torch.inference_mode():
+        normed = bert._attention_block(qkv, o, x, b, s, h, d, mask, None, torch.empty(b * s, out_features),
+                                       (residual, gamma, beta, 1e-12, minmax))
+    torch.testing.assert_close(normed, F.layer_norm(got + residual, (out_features,), gamma, beta, 1e-12), rtol=1e-4, atol=1e-4)
+    assert torch.equal(minmax, torch.stack(torch.aminmax(normed)))
     from sparsebert.engine.quantized_linear import activation_qparams_7bit
 
     sx, zp = activation_qparams_7bit(x) if int8 else (1.0, 0)
@@ -190,3 +198,24 @@ def test_attention_block_applies_only_where_it_can():
     assert bert._attention_block(qkv, dense, x[:16], 2, 8, 2, 16, None, None, out[:16]) is None
     int8_qkv, _ = _block_layers("int8", "unstructured", 32, 32, g)
     assert bert._attention_block(int8_qkv, o, x[:16], 2, 8, 2, 16, None, None, out[:16]) is None  # mixed precision
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block4"])
+def test_fused_ffn_add_norm_matches_separate_layernorm(pattern):
+    """FP32 spmm_ffn with the Add & Norm epilogue: LayerNorm(FFN(x) + residual) per tile, as the separate kernel."""
+    from sparsebert.engine import SparseLinear
+    from sparsebert.engine.sparse_linear import fused_ffn
+
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(96, 40, generator=g), torch.randn(40, 96, generator=g)
+    w1[torch.rand(96, 40, generator=g) < 0.8] = 0
+    w2[torch.rand(40, 96, generator=g) < 0.8] = 0
+    l1 = SparseLinear.from_dense(w1, torch.randn(96, generator=g), pattern=pattern)
+    l2 = SparseLinear.from_dense(w2, torch.randn(40, generator=g), pattern=pattern)
+    x, residual = torch.randn(150, 40, generator=g), torch.randn(150, 40, generator=g)
+    gamma, beta = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    plain = fused_ffn(l1, l2, x, "gelu")
+    expected = plain.clone()
+    mod.add_layernorm_(expected, residual, gamma, beta, 1e-12, 2, False)
+    got = fused_ffn(l1, l2, x, "gelu", add_norm=(residual, gamma, beta, 1e-12, None))
+    assert torch.equal(got, expected)

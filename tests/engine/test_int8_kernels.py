@@ -252,6 +252,12 @@ def test_fused_ffn_int8_equals_two_calls(shape, layouts, act):
     out = torch.full((m, h), float("nan"))
     assert fused_ffn_int8(l1, l2, x, act, out=out) is out
     assert torch.equal(out, two_calls)
+    # With BERT's Add & Norm as the kernel's epilogue (and the range the next layer quantizes with):
+    residual, gamma, beta, minmax = torch.randn(m, h, generator=gen), torch.randn(h, generator=gen), torch.randn(h, generator=gen), torch.empty(2)
+    normed = fused_ffn_int8(l1, l2, x, act, add_norm=(residual, gamma, beta, 1e-12, minmax))
+    expected = torch.nn.functional.layer_norm(two_calls + residual, (h,), gamma, beta, 1e-12)
+    torch.testing.assert_close(normed, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(minmax, torch.stack(torch.aminmax(normed)))
     sx, zp = activation_qparams_7bit(x)
     mod = kernels_pkg.load()
     generic = mod.spmm_ffn_q8(x, l1.order, l1.row_ptr, l1.col, l1.qval, l1.wscale, l1.wsum, l1.bias, f, l1.k_chunk,

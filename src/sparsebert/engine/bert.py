@@ -114,7 +114,8 @@ _BLOCK_FMT = {"csr": 0, "block4": 1, "q8": 2, "q8p": 3}
 
 
 def _attention_block(qkv, o, x: torch.Tensor, batch: int, seq: int, heads: int, head_dim: int,
-                     mask: torch.Tensor | None, x_range, out: torch.Tensor) -> torch.Tensor | None:
+                     mask: torch.Tensor | None, x_range, out: torch.Tensor,
+                     add_norm: tuple | None = None) -> torch.Tensor | None:
     """``o(attention(qkv(x)))`` in one kernel call (``attention_block``), or ``None`` where it does not apply.
 
     ``x`` float32 ``[batch * seq, H]`` -> ``out`` ``[batch * seq, o.out_features]``. One sequence per thread:
@@ -123,6 +124,8 @@ def _attention_block(qkv, o, x: torch.Tensor, batch: int, seq: int, heads: int, 
     with the fused attention kernel (AVX-512), when both layers are sparse formats of one precision and
     the batch splits evenly enough over the threads (else one sequence per thread would leave cores idle).
     INT8: ``x`` quantized per tensor (``x_range`` = its ``(min, max)`` when known), the context per token.
+    ``add_norm``: ``(residual, gamma, beta, eps, minmax)``: each sequence's rows finish as ``LayerNorm(out +
+    residual)`` while in cache (``minmax``: ``None`` or float32 ``[2]`` receiving the result's range).
     """
     from . import kernels as _kernels
 
@@ -140,7 +143,8 @@ def _attention_block(qkv, o, x: torch.Tensor, batch: int, seq: int, heads: int, 
     return mod.attention_block(x, None if mask is None else mask.view(batch, seq), batch, seq, heads, head_dim,
                                qkv.order, qkv.row_ptr, qkv.col, vals(qkv), *extra(qkv), qkv.bias, qkv.k_chunk,
                                qkv.n_block, _BLOCK_FMT[qkv.format], o.order, o.row_ptr, o.col, vals(o), *extra(o), o.bias,
-                               o.out_features, o.k_chunk, o.n_block, _BLOCK_FMT[o.format], sx, zp, threads, out, False)
+                               o.out_features, o.k_chunk, o.n_block, _BLOCK_FMT[o.format], sx, zp, threads, out, False,
+                               *(add_norm or ()))
 
 
 class _Layer:
@@ -177,8 +181,6 @@ class _Layer:
         tokens, hidden = x.shape
         att = _fused_attention()  # dense-format layers feed it too: their run() transposes for y_t / x_t
         a_buf = ws.get("a", tokens, hidden)
-        # INT8: the kernel that writes a layer's input also measures its range (for the per-tensor
-        # quantization), so no layer needs a separate min/max pass; ws.x_range is this block's input's.
         # INT8 activations: QKV and FFN1 inputs per tensor, their ranges measured by the LayerNorm that
         # wrote them (no min/max pass of their own; ws.x_range is this block's input's); the attention
         # output and FFN2 inputs per token.
@@ -186,34 +188,37 @@ class _Layer:
         qkv_range = {"x_range": ws.x_range} if int8 else {}
         o_tok = {"per_token": True} if int8 else {}
         x1_range = torch.empty(2) if int8 else None  # fresh per call: the model may run in several threads
-        a = _attention_block(self.qkv, self.o, x, batch, seq, self.heads, self.head_dim, mask, ws.x_range, a_buf)
-        if a is not None:
-            pass
-        elif att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
-            qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens), **qkv_range)  # [3 * hidden, batch * seq]
-            mask2 = None if mask is None else mask.view(batch, seq)
-            ctx_t = att(qkv_t, batch, seq, self.heads, self.head_dim, mask2, torch.get_num_threads(), False,
-                        ws.get("ctx", hidden, tokens))
-            a = self.o.run(ctx_t, x_t=True, out=a_buf, **o_tok)
-        else:
-            qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * hidden), **qkv_range)
-            q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, seq, 3, self.heads, self.head_dim).unbind(2))
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
-            a = self.o.run(ctx.transpose(1, 2).reshape(tokens, hidden), out=a_buf, **o_tok)
-        x1 = _add_layernorm(a, x, self.ln1_args, x1_range)  # x is dead from here: FFN2 writes its output into it
+        # Fused kernels finish with the residual add + LayerNorm themselves (add_norm) while the rows are in cache.
+        x1 = _attention_block(self.qkv, self.o, x, batch, seq, self.heads, self.head_dim, mask, ws.x_range, a_buf,
+                              (x, *self.ln1_args, x1_range))
+        if x1 is None:
+            if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
+                qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens), **qkv_range)  # [3H, tokens]
+                mask2 = None if mask is None else mask.view(batch, seq)
+                ctx_t = att(qkv_t, batch, seq, self.heads, self.head_dim, mask2, torch.get_num_threads(), False,
+                            ws.get("ctx", hidden, tokens))
+                a = self.o.run(ctx_t, x_t=True, out=a_buf, **o_tok)
+            else:
+                qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * hidden), **qkv_range)
+                q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, seq, 3, self.heads, self.head_dim).unbind(2))
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
+                a = self.o.run(ctx.transpose(1, 2).reshape(tokens, hidden), out=a_buf, **o_tok)
+            x1 = _add_layernorm(a, x, self.ln1_args, x1_range)
+        # x is dead from here: FFN2 writes its output into it. Both FFN layers in one kernel call where it
+        # applies: the hidden tile stays in cache.
         fused = self.fused
-        # Both FFN layers in one kernel call where it applies: the hidden tile stays in cache. In INT8,
-        # FFN2's input is quantized per token either way (see fused_ffn_int8).
         ws.x_range = torch.empty(2) if int8 else None  # the block output's range: the next block's input range
+        add_norm = (x1, *self.ln2_args, ws.x_range)
         y = None
         if fused and int8:
-            y = fused_ffn_int8(self.ffn1, self.ffn2, x1, fused, x_range=x1_range, out=x)
+            y = fused_ffn_int8(self.ffn1, self.ffn2, x1, fused, x_range=x1_range, out=x, add_norm=add_norm)
         elif fused:
-            y = fused_ffn(self.ffn1, self.ffn2, x1, fused, out=x)
-        if y is None:
-            h = self.ffn1.run(x1, act=fused, out=ws.get("h", tokens, self.ffn1.out_features), **({"x_range": x1_range} if int8 else {}))
-            h = h if fused else self.act_module(h)
-            y = self.ffn2.run(h, out=x, per_token=True) if int8 else self.ffn2.run(h, out=x)
+            y = fused_ffn(self.ffn1, self.ffn2, x1, fused, out=x, add_norm=add_norm)
+        if y is not None:
+            return y
+        h = self.ffn1.run(x1, act=fused, out=ws.get("h", tokens, self.ffn1.out_features), **({"x_range": x1_range} if int8 else {}))
+        h = h if fused else self.act_module(h)
+        y = self.ffn2.run(h, out=x, per_token=True) if int8 else self.ffn2.run(h, out=x)
         return _add_layernorm(y, x1, self.ln2_args, ws.x_range)
 
 

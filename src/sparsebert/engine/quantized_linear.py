@@ -376,7 +376,8 @@ class SparseLinearInt8(torch.nn.Module):
 
 
 def fused_ffn_int8(first: SparseLinearInt8, second: SparseLinearInt8, x: torch.Tensor, act: str | None,
-                   x_range: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+                   x_range: tuple | None = None, out: torch.Tensor | None = None,
+                   add_norm: tuple | None = None) -> torch.Tensor | None:
     """``second(act(first(x)))`` in INT8 in one kernel call, or ``None`` where that call does not apply.
 
     ``x`` float32 ``[M, K]`` (quantized per tensor; ``x_range`` = its ``(min, max)`` when known) -> float32
@@ -387,6 +388,9 @@ def fused_ffn_int8(first: SparseLinearInt8, second: SparseLinearInt8, x: torch.T
     ``second.run(act(first.run(x)), per_token=True)`` (same integer sums; the same epilogue math). Applies
     when both layers are sparse formats with compiled kernels and ``M`` fills a 64-token tile per thread
     (below that, the two calls split each layer's rows across the threads instead); ``None`` otherwise.
+    ``add_norm``: ``(residual, gamma, beta, eps, minmax)`` to finish with BERT's "Add & Norm", ``out =
+    LayerNorm(out + residual)``, on each tile while it is in cache (``minmax``: ``None`` or a float32 ``[2]``
+    that receives the result's ``(min, max)``).
 
     Raises:
         RuntimeError: the hidden activations hold NaN or infinite values.
@@ -404,4 +408,4 @@ def fused_ffn_int8(first: SparseLinearInt8, second: SparseLinearInt8, x: torch.T
                            first.out_features, first.k_chunk, first.n_block, first.format == "q8p",
                            second.order, second.row_ptr, second.col, second.qval, second.wscale, second.wsum,
                            second.bias, second.out_features, second.k_chunk, second.n_block, second.format == "q8p",
-                           sx, zp, threads, out, ACT_CODES[act], False)
+                           sx, zp, threads, out, ACT_CODES[act], False, *(add_norm or ()))

@@ -482,7 +482,7 @@ class SparseLinear(torch.nn.Module):
 
 
 def fused_ffn(first: SparseLinear, second: SparseLinear, x: torch.Tensor, act: str | None,
-              out: torch.Tensor | None = None) -> torch.Tensor | None:
+              out: torch.Tensor | None = None, add_norm: tuple | None = None) -> torch.Tensor | None:
     """``second(act(first(x)))`` in one kernel call, or ``None`` where that call does not apply.
 
     ``x`` float32 ``[M, K]`` -> float32 ``[M, second.out_features]`` (into ``out`` when given). The
@@ -493,6 +493,9 @@ def fused_ffn(first: SparseLinear, second: SparseLinear, x: torch.Tensor, act: s
     sparse formats (csr / block4) with compiled kernels, and ``M`` fills at least one tile per thread
     (below that the two calls split the rows of each layer across threads instead); ``None`` otherwise.
     Same sums as the two calls (FP32, no reassociation beyond theirs).
+    ``add_norm``: ``(residual, gamma, beta, eps, minmax)`` to finish with BERT's "Add & Norm", ``out =
+    LayerNorm(out + residual)``, on each tile while it is in cache (``minmax``: ``None`` or a float32 ``[2]``
+    that receives the result's ``(min, max)``).
     """
     threads = first.num_threads or torch.get_num_threads()
     if (first.format not in _FMT_CODE or second.format not in _FMT_CODE or x.shape[0] < 64 * threads
@@ -505,4 +508,4 @@ def fused_ffn(first: SparseLinear, second: SparseLinear, x: torch.Tensor, act: s
                         first.out_features, _FMT_CODE[first.format], first.k_chunk, first.n_block,
                         second.order, second.row_ptr, second.col, second.val, second.bias,
                         second.out_features, _FMT_CODE[second.format], second.k_chunk, second.n_block,
-                        threads, out, ACT_CODES[act], False)
+                        threads, out, ACT_CODES[act], False, *(add_norm or ()))

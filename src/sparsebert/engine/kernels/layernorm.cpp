@@ -83,6 +83,16 @@ SB_LN_ROWS(SB_LN_AVX512, rows_avx512)
 
 }  // namespace
 
+void add_layernorm_rows(float* a, const float* r, const float* gamma, const float* beta, int64_t m0, int64_t m1,
+                        int64_t H, float eps, int isa, bool range, float& lo, float& hi) {
+#if SB_LN_X86
+  if (isa == 2) return rows_avx512(a, r, gamma, beta, m0, m1, H, eps, range, lo, hi);
+  if (isa == 1) return rows_avx2(a, r, gamma, beta, m0, m1, H, eps, range, lo, hi);
+#endif
+  (void)isa;
+  rows_generic(a, r, gamma, beta, m0, m1, H, eps, range, lo, hi);
+}
+
 void add_layernorm_(at::Tensor& a, const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& beta, double eps,
                     int64_t num_threads, int isa, float* minmax) {
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.is_contiguous(),

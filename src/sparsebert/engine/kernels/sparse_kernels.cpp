@@ -94,6 +94,10 @@ namespace sparsebert {
 // attention.cpp: one sequence, all heads, on the calling thread (feature-major, row stride S).
 void attention_sequence(const float* qkv, const float* mask, float* out, int64_t S, int64_t heads, int64_t head_dim,
                         bool avx512);
+// layernorm.cpp: rows m0 .. m1 of a = LayerNorm(a + r) in place (isa 0 portable, 1 AVX2, 2 AVX-512); with
+// `range`, lo / hi take in the outputs' min / max.
+void add_layernorm_rows(float* a, const float* r, const float* gamma, const float* beta, int64_t m0, int64_t m1,
+                        int64_t H, float eps, int isa, bool range, float& lo, float& hi);
 }  // namespace sparsebert
 
 namespace {
@@ -175,6 +179,35 @@ struct Problem {
   float* h_out = nullptr;     // fused FFN (spmm_ffn): finished blocks stay here, XT layout [N][W8], not stored to y
   bool vnni = false;          // INT8: run the hot loops with AVX-512 VNNI (tiles of 16k / 32k tokens)
 };
+
+// Residual add + LayerNorm applied by a fused kernel to the output rows it has just finished, while they
+// are in cache (BERT's "Add & Norm" after the attention block and after the FFN): y = LN(y + residual).
+// With minmax, its range (the next INT8 layer's per-tensor quantization range) is measured there too.
+struct AddNorm {
+  const float* residual = nullptr;  // [M, H] token-major, as y; nullptr: no epilogue
+  const float* gamma = nullptr;
+  const float* beta = nullptr;
+  float eps = 0.0f;
+  float* minmax = nullptr;          // [2] or nullptr
+  int isa = 0;                      // 0 portable, 1 AVX2, 2 AVX-512
+};
+
+// Applies `ln` to rows m0 .. m1 of y [M, H] (a no-op without a residual); lo / hi take in the range.
+inline void add_norm_rows(const AddNorm& ln, float* y, int64_t H, int64_t m0, int64_t m1, float& lo, float& hi) {
+  if (ln.residual != nullptr)
+    sparsebert::add_layernorm_rows(y, ln.residual, ln.gamma, ln.beta, m0, m1, H, ln.eps, ln.isa, ln.minmax != nullptr, lo,
+                                   hi);
+}
+
+// Folds a thread's range into ln.minmax (inside the parallel region, after the thread's last rows).
+inline void add_norm_reduce(const AddNorm& ln, float lo, float hi) {
+  if (ln.residual == nullptr || ln.minmax == nullptr) return;
+#pragma omp critical(sparsebert_addnorm_range)
+  {
+    ln.minmax[0] = std::min(ln.minmax[0], lo);
+    ln.minmax[1] = std::max(ln.minmax[1], hi);
+  }
+}
 
 // Activation quantization parameters of token m: its own (per-token mode) or the tensor's.
 inline float inv_of(const Problem& p, int64_t m) { return p.x_inv_tok ? p.x_inv_tok[m - p.tok_m0] : p.x_inv_scale; }
@@ -1345,7 +1378,7 @@ void run(const Problem& p, int num_threads, int tile_w, bool use_avx2) {
 // second layer reads, so H never goes through memory: no [M, N1] output written, transposed and read
 // back (at M = 4096, N1 = 3072 that is 50 MB each way a layer). Same sums as two spmm calls.
 template <Format F1, Format F2>
-void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx2) {
+void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx2, const AddNorm& ln) {
   const int64_t M = p1.M;
   const int64_t n_tiles = (M + kMaxW - 1) / kMaxW;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
@@ -1355,6 +1388,7 @@ void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx
     float* xt = xt_buf.get(static_cast<size_t>(p1.Kpad) * kMaxW);
     float* yt = yt_buf.get(static_cast<size_t>(std::max(p1.nb, p2.nb)) * kMaxW);
     float* h = h_buf.get(static_cast<size_t>(p2.Kpad) * kMaxW);
+    float lo = INFINITY, hi = -INFINITY;
 #pragma omp single nowait
     g_last_threads.store(omp_get_num_threads(), std::memory_order_relaxed);
 #pragma omp for schedule(static)
@@ -1366,22 +1400,51 @@ void run_ffn(const Problem& p1, const Problem& p2, int num_threads, bool use_avx
       if (p2.Kpad > p1.N) std::memset(h + p1.N * W8, 0, sizeof(float) * (p2.Kpad - p1.N) * W8);  // BLOCK4 padding
       item_fp32<F1>(a, m0, w, 0, p1.N, xt, yt, false, use_avx2);
       item_fp32<F2>(p2, m0, w, 0, p2.N, h, yt, true, use_avx2);
+      add_norm_rows(ln, p2.y, p2.N, m0, m0 + w, lo, hi);
     }
+    add_norm_reduce(ln, lo, hi);
   }
 }
+
+#if SB_X86
+// Per-token min / max / sum of a full 64-token tile (rows of stride ld), in 3 x 4 registers.
+SB_AVX512 void token_range_avx512(const float* h, int64_t ld, int64_t rows, float* mn, float* mx, float* sum) {
+  __m512 lo[4], hi[4], sm[4];
+  for (int q = 0; q < 4; ++q) lo[q] = _mm512_set1_ps(INFINITY), hi[q] = _mm512_set1_ps(-INFINITY), sm[q] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int q = 0; q < 4; ++q) {
+      const __m512 v = _mm512_loadu_ps(h + r * ld + 16 * q);
+      lo[q] = _mm512_min_ps(lo[q], v);
+      hi[q] = _mm512_max_ps(hi[q], v);
+      sm[q] = _mm512_add_ps(sm[q], v);
+    }
+  for (int q = 0; q < 4; ++q) {
+    _mm512_storeu_ps(mn + 16 * q, lo[q]);
+    _mm512_storeu_ps(mx + 16 * q, hi[q]);
+    _mm512_storeu_ps(sum + 16 * q, sm[q]);
+  }
+}
+#endif
 
 // Per-token 7-bit parameters of tokens j < w (<= 64) of a feature-major tile h (rows of stride ld): what
 // activation_qparams(min(h[:, j]), max(h[:, j]), bits=7) returns, in double as there; scale / inv / zp
 // get kMaxW entries (tokens j >= w: 1, 1, 0). Returns false if a value of a valid token is not finite.
 bool token_qparams(const float* h, int64_t ld, int64_t rows, int64_t w, float* scale, float* inv, int32_t* zp) {
-  float mn[kMaxW], mx[kMaxW], sum[kMaxW];
-  for (int j = 0; j < kMaxW; ++j) mn[j] = INFINITY, mx[j] = -INFINITY, sum[j] = 0.0f;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = h + r * ld;
-    for (int j = 0; j < w; ++j) {  // vectorised across tokens; the sum turns NaN / inf into a non-finite total
-      mn[j] = row[j] < mn[j] ? row[j] : mn[j];
-      mx[j] = row[j] > mx[j] ? row[j] : mx[j];
-      sum[j] += row[j];
+  float mn[kMaxW], mx[kMaxW], sum[kMaxW];  // per token; the sum turns NaN / inf into a non-finite total
+#if SB_X86
+  if (w == kMaxW && cpu().avx512) {
+    token_range_avx512(h, ld, rows, mn, mx, sum);
+  } else
+#endif
+  {
+    for (int j = 0; j < kMaxW; ++j) mn[j] = INFINITY, mx[j] = -INFINITY, sum[j] = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = h + r * ld;
+      for (int j = 0; j < w; ++j) {
+        mn[j] = row[j] < mn[j] ? row[j] : mn[j];
+        mx[j] = row[j] > mx[j] ? row[j] : mx[j];
+        sum[j] += row[j];
+      }
     }
   }
   bool finite = true;
@@ -1438,7 +1501,8 @@ void pack_int8(const Problem& p, bool pairs, int64_t m0, int64_t w, void* xa, bo
 // quantization is what makes the fusion possible (a per-tensor scale needs every token's activations
 // before the first tile can be quantized) and it keeps each token's result independent of the batch.
 // Returns false if a hidden activation was not finite.
-bool run_ffn_q8(const Problem& p1, bool pairs1, const Problem& p2, bool pairs2, int num_threads, bool use_avx2) {
+bool run_ffn_q8(const Problem& p1, bool pairs1, const Problem& p2, bool pairs2, int num_threads, bool use_avx2,
+                const AddNorm& ln) {
   const int64_t M = p1.M;
   const int64_t n_tiles = (M + kMaxW - 1) / kMaxW;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
@@ -1454,6 +1518,7 @@ bool run_ffn_q8(const Problem& p1, bool pairs1, const Problem& p2, bool pairs2, 
     float* scale = tok;
     float* inv = tok + kMaxW;
     int32_t* zp = reinterpret_cast<int32_t*>(tok + 2 * kMaxW);
+    float lo = INFINITY, hi = -INFINITY;
 #pragma omp single nowait
     g_last_threads.store(omp_get_num_threads(), std::memory_order_relaxed);
 #pragma omp for schedule(static)
@@ -1478,7 +1543,9 @@ bool run_ffn_q8(const Problem& p1, bool pairs1, const Problem& p2, bool pairs2, 
       b.x_zp_tok = zp;
       b.tok_m0 = m0;
       item_int8(b, pairs2, m0, w, 0, p2.N, xb, acc, true, use_avx2);
+      add_norm_rows(ln, p2.y, p2.N, m0, m0 + w, lo, hi);
     }
+    add_norm_reduce(ln, lo, hi);
   }
   return finite.load();
 }
@@ -1505,7 +1572,7 @@ void item_any(const Problem& p, int64_t fmt, int64_t m0, int64_t w, float* xa, f
 // Returns false if a context value was not finite (INT8 cannot quantize it).
 bool run_attention_block(const Problem& p_qkv, int64_t fmt_qkv, const Problem& p_o, int64_t fmt_o, const float* mask,
                          int64_t batch, int64_t S, int64_t heads, int64_t head_dim, int num_threads, bool use_avx2,
-                         bool avx512_attention) {
+                         bool avx512_attention, const AddNorm& ln) {
   const int64_t HD = heads * head_dim;
   std::atomic<bool> finite{true};
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, batch)));
@@ -1518,6 +1585,7 @@ bool run_attention_block(const Problem& p_qkv, int64_t fmt_qkv, const Problem& p
     float* ctx = ctx_buf.get(static_cast<size_t>(HD) * S);
     float* tok = tok_buf.get(3 * kMaxW);
     int32_t* zp = reinterpret_cast<int32_t*>(tok + 2 * kMaxW);
+    float lo = INFINITY, hi = -INFINITY;
 #pragma omp single nowait
     g_last_threads.store(omp_get_num_threads(), std::memory_order_relaxed);
 #pragma omp for schedule(static)
@@ -1547,7 +1615,9 @@ bool run_attention_block(const Problem& p_qkv, int64_t fmt_qkv, const Problem& p
         }
         item_any(o, fmt_o, m0, w, xa, acc, use_avx2);
       }
+      add_norm_rows(ln, p_o.y, p_o.N, b * S, (b + 1) * S, lo, hi);
     }
+    add_norm_reduce(ln, lo, hi);
   }
   return finite.load();
 }
@@ -1712,12 +1782,41 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& order,
   return y;
 }
 
+// The AddNorm epilogue of an entry point from its optional arguments (checked against y [M, H]).
+AddNorm make_addnorm(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& gamma,
+                     const c10::optional<at::Tensor>& beta, double eps, const c10::optional<at::Tensor>& minmax,
+                     const at::Tensor& y, bool force_generic) {
+  AddNorm ln;
+  if (!(residual.has_value() && residual->defined())) return ln;
+  const int64_t H = y.size(1);
+  TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->sizes() == y.sizes(),
+              "add & norm: residual must be a contiguous float32 tensor shaped like the output");
+  TORCH_CHECK(gamma.has_value() && beta.has_value() && gamma->scalar_type() == at::kFloat && gamma->is_contiguous() &&
+                  gamma->numel() == H && beta->scalar_type() == at::kFloat && beta->is_contiguous() && beta->numel() == H,
+              "add & norm: gamma and beta must be contiguous float32 [H] tensors");
+  ln.residual = residual->data_ptr<float>();
+  ln.gamma = gamma->data_ptr<float>();
+  ln.beta = beta->data_ptr<float>();
+  ln.eps = static_cast<float>(eps);
+  ln.isa = force_generic ? 0 : cpu().avx512 ? 2 : cpu().avx2_fma ? 1 : 0;
+  if (minmax.has_value() && minmax->defined()) {
+    TORCH_CHECK(minmax->scalar_type() == at::kFloat && minmax->numel() == 2 && minmax->is_contiguous(),
+                "add & norm: minmax must be a contiguous float32 tensor of 2 elements");
+    ln.minmax = minmax->data_ptr<float>();
+    ln.minmax[0] = INFINITY;
+    ln.minmax[1] = -INFINITY;
+  }
+  return ln;
+}
+
 at::Tensor spmm_ffn(const at::Tensor& x, const at::Tensor& order1, const at::Tensor& row_ptr1, const at::Tensor& col1,
                     const at::Tensor& val1, const c10::optional<at::Tensor>& bias1, int64_t n1, int64_t fmt1,
                     int64_t k_chunk1, int64_t n_block1, const at::Tensor& order2, const at::Tensor& row_ptr2,
                     const at::Tensor& col2, const at::Tensor& val2, const c10::optional<at::Tensor>& bias2, int64_t n2,
                     int64_t fmt2, int64_t k_chunk2, int64_t n_block2, int64_t num_threads,
-                    const c10::optional<at::Tensor>& out, int64_t act, bool force_generic) {
+                    const c10::optional<at::Tensor>& out, int64_t act, bool force_generic,
+                    const c10::optional<at::Tensor>& ln_residual, const c10::optional<at::Tensor>& ln_gamma,
+                    const c10::optional<at::Tensor>& ln_beta, double ln_eps, const c10::optional<at::Tensor>& ln_minmax) {
   TORCH_CHECK((fmt1 == 0 || fmt1 == 1) && (fmt2 == 0 || fmt2 == 1), "spmm_ffn: fmt must be 0 (csr) or 1 (block4)");
   TORCH_CHECK(val1.scalar_type() == at::kFloat && val2.scalar_type() == at::kFloat, "spmm_ffn: val must be float32");
   TORCH_CHECK(val1.numel() == col1.numel() * (fmt1 == 1 ? 4 : 1) && val2.numel() == col2.numel() * (fmt2 == 1 ? 4 : 1),
@@ -1742,10 +1841,11 @@ at::Tensor spmm_ffn(const at::Tensor& x, const at::Tensor& order1, const at::Ten
   const bool avx2 = cpu().avx2_fma && !force_generic;
   p1.avx512 = p2.avx512 = avx2 && cpu().avx512;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
-  if (fmt1 == 0 && fmt2 == 0) run_ffn<Format::CSR, Format::CSR>(p1, p2, threads, avx2);
-  else if (fmt1 == 0) run_ffn<Format::CSR, Format::BLOCK4>(p1, p2, threads, avx2);
-  else if (fmt2 == 0) run_ffn<Format::BLOCK4, Format::CSR>(p1, p2, threads, avx2);
-  else run_ffn<Format::BLOCK4, Format::BLOCK4>(p1, p2, threads, avx2);
+  const AddNorm ln = make_addnorm(ln_residual, ln_gamma, ln_beta, ln_eps, ln_minmax, y, force_generic);
+  if (fmt1 == 0 && fmt2 == 0) run_ffn<Format::CSR, Format::CSR>(p1, p2, threads, avx2, ln);
+  else if (fmt1 == 0) run_ffn<Format::CSR, Format::BLOCK4>(p1, p2, threads, avx2, ln);
+  else if (fmt2 == 0) run_ffn<Format::BLOCK4, Format::CSR>(p1, p2, threads, avx2, ln);
+  else run_ffn<Format::BLOCK4, Format::BLOCK4>(p1, p2, threads, avx2, ln);
   return y;
 }
 
@@ -1834,7 +1934,9 @@ at::Tensor spmm_ffn_q8(const at::Tensor& x, const at::Tensor& order1, const at::
                        const at::Tensor& qval2, const at::Tensor& wscale2, const at::Tensor& wsum2,
                        const c10::optional<at::Tensor>& bias2, int64_t n2, int64_t k_chunk2, int64_t n_block2, bool pairs2,
                        double x_scale, int64_t x_zero_point, int64_t num_threads, const c10::optional<at::Tensor>& out,
-                       int64_t act, bool force_generic) {
+                       int64_t act, bool force_generic, const c10::optional<at::Tensor>& ln_residual,
+                       const c10::optional<at::Tensor>& ln_gamma, const c10::optional<at::Tensor>& ln_beta, double ln_eps,
+                       const c10::optional<at::Tensor>& ln_minmax) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "spmm_ffn_q8: x must be a contiguous float32 [M, K] tensor");
   TORCH_CHECK(x_scale > 0 && std::isfinite(x_scale), "spmm_ffn_q8: x_scale must be positive and finite");
@@ -1858,7 +1960,8 @@ at::Tensor spmm_ffn_q8(const at::Tensor& x, const at::Tensor& order1, const at::
   const bool avx2 = cpu().avx2_fma && !force_generic;
   p1.vnni = p2.vnni = avx2 && cpu().vnni;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
-  TORCH_CHECK(run_ffn_q8(p1, pairs1, p2, pairs2, threads, avx2),
+  const AddNorm ln = make_addnorm(ln_residual, ln_gamma, ln_beta, ln_eps, ln_minmax, y, force_generic);
+  TORCH_CHECK(run_ffn_q8(p1, pairs1, p2, pairs2, threads, avx2, ln),
               "spmm_ffn_q8: the hidden activations hold NaN or infinite values (cannot quantize them)");
   return y;
 }
@@ -1886,7 +1989,10 @@ at::Tensor attention_block(const at::Tensor& x, const c10::optional<at::Tensor>&
                            const at::Tensor& col2, const at::Tensor& vals2, const c10::optional<at::Tensor>& wscale2,
                            const c10::optional<at::Tensor>& wsum2, const c10::optional<at::Tensor>& bias2, int64_t n2,
                            int64_t k_chunk2, int64_t n_block2, int64_t fmt2, double x_scale, int64_t x_zero_point,
-                           int64_t num_threads, const c10::optional<at::Tensor>& out, bool force_generic) {
+                           int64_t num_threads, const c10::optional<at::Tensor>& out, bool force_generic,
+                           const c10::optional<at::Tensor>& ln_residual, const c10::optional<at::Tensor>& ln_gamma,
+                           const c10::optional<at::Tensor>& ln_beta, double ln_eps,
+                           const c10::optional<at::Tensor>& ln_minmax) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) == batch * seq,
               "attention_block: x must be a contiguous float32 [batch * seq, hidden] tensor");
   TORCH_CHECK((fmt1 >= kQuads) == (fmt2 >= kQuads), "attention_block: both layers FP32 or both INT8");
@@ -1913,8 +2019,9 @@ at::Tensor attention_block(const at::Tensor& x, const c10::optional<at::Tensor>&
   p1.avx512 = p2.avx512 = avx2 && cpu().avx512;
   p1.vnni = p2.vnni = avx2 && cpu().vnni;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  const AddNorm ln = make_addnorm(ln_residual, ln_gamma, ln_beta, ln_eps, ln_minmax, y, force_generic);
   TORCH_CHECK(run_attention_block(p1, fmt1, p2, fmt2, mk, batch, seq, heads, head_dim, threads, avx2,
-                                  cpu().avx512 && !force_generic),
+                                  cpu().avx512 && !force_generic, ln),
               "attention_block: the attention context holds NaN or infinite values (cannot quantize it)");
   return y;
 }
@@ -1974,7 +2081,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n1"), py::arg("fmt1"), py::arg("k_chunk1"), py::arg("n_block1"), py::arg("order2"),
         py::arg("row_ptr2"), py::arg("col2"), py::arg("val2"), py::arg("bias2"), py::arg("n2"), py::arg("fmt2"),
         py::arg("k_chunk2"), py::arg("n_block2"), py::arg("num_threads"), py::arg("out") = py::none(),
-        py::arg("act") = 0, py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("act") = 0, py::arg("force_generic") = false, py::arg("ln_residual") = py::none(), py::arg("ln_gamma") = py::none(), py::arg("ln_beta") = py::none(),
+        py::arg("ln_eps") = 1e-12, py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("spmm_q8", &spmm_q8,
         "Y = dequant(quant(X) @ Wq^T) (+ bias): X quantized per tensor to [0, 127] with "
         "(x_scale, x_zero_point), Wq int8 quads packed like BLOCK4 (or pairs) with per-row scales wscale",
@@ -1993,7 +2101,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("order2"), py::arg("row_ptr2"), py::arg("col2"), py::arg("qval2"), py::arg("wscale2"),
         py::arg("wsum2"), py::arg("bias2"), py::arg("n2"), py::arg("k_chunk2"), py::arg("n_block2"), py::arg("pairs2"),
         py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"), py::arg("out") = py::none(),
-        py::arg("act") = 0, py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("act") = 0, py::arg("force_generic") = false, py::arg("ln_residual") = py::none(), py::arg("ln_gamma") = py::none(), py::arg("ln_beta") = py::none(),
+        py::arg("ln_eps") = 1e-12, py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("attention_block", &attention_block,
         "out = O(attention(QKV(x))) one sequence per thread, the projections and context kept in cache (FP32: "
         "fmt 0 csr / 1 block4; INT8: 2 quads / 3 pairs, QKV input per tensor, O input per token)",
@@ -2003,7 +2112,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_ptr2"), py::arg("col2"), py::arg("vals2"), py::arg("wscale2"), py::arg("wsum2"), py::arg("bias2"),
         py::arg("n2"), py::arg("k_chunk2"), py::arg("n_block2"), py::arg("fmt2"), py::arg("x_scale"),
         py::arg("x_zero_point"), py::arg("num_threads"), py::arg("out") = py::none(), py::arg("force_generic") = false,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("ln_residual") = py::none(), py::arg("ln_gamma") = py::none(), py::arg("ln_beta") = py::none(),
+        py::arg("ln_eps") = 1e-12, py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("attention_t", &attention,
         "softmax(Q K^T / sqrt(D) + mask) V per head on feature-major activations: qkv_t [3*H*D, B*S] -> "
         "ctx_t [H*D, B*S] (see attention.cpp)",
