@@ -1027,7 +1027,7 @@ SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t m
 // packed activation type (uint8 quads / int16 pairs), W the tile width in tokens, Row the hot loop
 // (q8_row_avx2<R> / q8p_row_avx2<R2>), a template argument so that it is inlined; DEQUANT / FINISH the
 // epilogue of the ISA.
-#define SB_INT8_BLOCKS(ATTR, SUFFIX, DEQUANT, FINISH)                                                                        \
+#define SB_INT8_BLOCKS(ATTR, SUFFIX, DEQUANT, FINISH, TO_H)                                                                  \
   template <typename X, int W, void (*Row)(const X*, const int32_t*, const int32_t*, int64_t, int64_t, int32_t*)> \
   ATTR void int8_blocks_##SUFFIX(const Problem& p, const X* xa, int64_t m0, int64_t w,                    \
                                  int64_t n_begin, int64_t n_end, int32_t* yt) {                           \
@@ -1042,13 +1042,13 @@ SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t m
         const int32_t* ord = p.order + c * p.N;                                                           \
         for (int64_t i = nb0; i < nb1; ++i) Row(xa, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W); \
       }                                                                                                   \
+      if (p.h_out != nullptr) { /* fused FFN: the finished rows go to the hidden tile [N][W] */           \
+        TO_H(p, yt, W, w, m0, nb0, nb1 - nb0);                                                            \
+        continue;                                                                                         \
+      }                                                                                                   \
       DEQUANT(p, yt, W, m0, nb0, nb1 - nb0);                                                              \
       if (p.act != 0 || p.minmax != nullptr)                                                              \
         FINISH(p, reinterpret_cast<float*>(yt), W, w, nb0, nb1 - nb0, false);                             \
-      if (p.h_out != nullptr) { /* fused FFN: the finished rows go to the hidden tile [N][W] */           \
-        std::memcpy(p.h_out + nb0 * W, yt, sizeof(float) * (nb1 - nb0) * W);                              \
-        continue;                                                                                         \
-      }                                                                                                   \
       const float* ytf = reinterpret_cast<const float*>(yt);                                              \
       for (int64_t g = nb0; g < nb1; g += kGroup)                                                         \
         store_yt_avx2(pf, ytf + (g - nb0) * W, W, m0, w, g, std::min<int64_t>(kGroup, nb1 - g));          \
@@ -1058,8 +1058,42 @@ SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t m
 // The block loop of an INT8 work item, both formats (AVX2 twin of int8_blocks_generic): X is the
 // packed activation type (uint8 quads / int16 pairs), W the tile width in tokens, Row the hot loop
 // (q8_row_*<R> / q8p_row_*<R2>), a template argument so that it is inlined; defined once per ISA.
-SB_INT8_BLOCKS(SB_AVX2, avx2, q8_dequant_avx2, finish_avx2)
-SB_INT8_BLOCKS(SB_VNNI, vnni, q8_dequant_avx512, finish_avx512)
+// Fused FFN1 rows into the hidden tile: dequantize, bias, activation, store to h_out, in three passes over
+// the block (AVX2) or one (AVX-512: the tile's range is measured later, per token, so none is kept here).
+SB_AVX2 void to_h_avx2(const Problem& p, int32_t* yt, int W, int64_t w, int64_t m0, int64_t n0, int64_t rows) {
+  q8_dequant_avx2(p, yt, W, m0, n0, rows);
+  if (p.act != 0) finish_avx2(p, reinterpret_cast<float*>(yt), W, w, n0, rows, false);
+  std::memcpy(p.h_out + n0 * W, yt, sizeof(float) * rows * W);
+}
+
+template <int ACT>
+SB_AVX512 void to_h_act_avx512(const Problem& p, const int32_t* yt, int W, int64_t n0, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = n0 + i;
+    const __m512i c = _mm512_set1_epi32(p.x_zp * p.wsum[n]);
+    const __m512 s = _mm512_set1_ps(p.x_scale * p.wscale[n]);
+    const __m512 b = _mm512_set1_ps(p.bias ? p.bias[n] : 0.0f);
+    const int32_t* a = yt + i * W;
+    float* h = p.h_out + n * W;
+    for (int j = 0; j < W; j += 16) {
+      const __m512i v = _mm512_sub_epi32(_mm512_load_si512(a + j), c);
+      _mm512_store_ps(h + j, act_avx512<ACT>(_mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, b)));
+    }
+  }
+}
+
+SB_AVX512 void to_h_avx512(const Problem& p, int32_t* yt, int W, int64_t w, int64_t m0, int64_t n0, int64_t rows) {
+  if (p.x_scale_tok != nullptr) return to_h_avx2(p, yt, W, w, m0, n0, rows);  // not FFN1's case: per-tensor input
+  switch (p.act) {
+    case 1: return to_h_act_avx512<1>(p, yt, W, n0, rows);
+    case 2: return to_h_act_avx512<2>(p, yt, W, n0, rows);
+    case 3: return to_h_act_avx512<3>(p, yt, W, n0, rows);
+    default: return to_h_act_avx512<0>(p, yt, W, n0, rows);
+  }
+}
+
+SB_INT8_BLOCKS(SB_AVX2, avx2, q8_dequant_avx2, finish_avx2, to_h_avx2)
+SB_INT8_BLOCKS(SB_VNNI, vnni, q8_dequant_avx512, finish_avx512, to_h_avx512)
 
 // VNNI quads: 16 tokens' quads are 64 contiguous bytes; vpdpbusd = maddubs + madd + add, without the
 // int16 intermediate (7-bit activations never saturated it, so the sums are the same).
