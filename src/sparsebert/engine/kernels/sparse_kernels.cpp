@@ -73,6 +73,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -1027,7 +1028,7 @@ SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t m
 // packed activation type (uint8 quads / int16 pairs), W the tile width in tokens, Row the hot loop
 // (q8_row_avx2<R> / q8p_row_avx2<R2>), a template argument so that it is inlined; DEQUANT / FINISH the
 // epilogue of the ISA.
-#define SB_INT8_BLOCKS(ATTR, SUFFIX, DEQUANT, FINISH, TO_H)                                                                  \
+#define SB_INT8_BLOCKS(ATTR, SUFFIX, DEQUANT, FINISH, TO_H, UNPERMUTE)                                                       \
   template <typename X, int W, void (*Row)(const X*, const int32_t*, const int32_t*, int64_t, int64_t, int32_t*)> \
   ATTR void int8_blocks_##SUFFIX(const Problem& p, const X* xa, int64_t m0, int64_t w,                    \
                                  int64_t n_begin, int64_t n_end, int32_t* yt) {                           \
@@ -1042,6 +1043,7 @@ SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t m
         const int32_t* ord = p.order + c * p.N;                                                           \
         for (int64_t i = nb0; i < nb1; ++i) Row(xa, p.col, wq, rp[i], rp[i + 1], yt + (ord[i] - nb0) * W); \
       }                                                                                                   \
+      UNPERMUTE(X, yt, W, nb1 - nb0);                                                                     \
       if (p.h_out != nullptr) { /* fused FFN: the finished rows go to the hidden tile [N][W] */           \
         TO_H(p, yt, W, w, m0, nb0, nb1 - nb0);                                                            \
         continue;                                                                                         \
@@ -1092,8 +1094,14 @@ SB_AVX512 void to_h_avx512(const Problem& p, int32_t* yt, int W, int64_t w, int6
   }
 }
 
-SB_INT8_BLOCKS(SB_AVX2, avx2, q8_dequant_avx2, finish_avx2, to_h_avx2)
-SB_INT8_BLOCKS(SB_VNNI, vnni, q8_dequant_avx512, finish_avx512, to_h_avx512)
+SB_VNNI void unpermute_pairs_vnni(int32_t* yt, int W, int64_t rows);  // defined with the VNNI pairs loop
+
+// The VNNI pairs loop leaves its tile in unpack order (int16 activations); the other loops in token order.
+#define SB_NO_UNPERMUTE(X, yt, W, rows)
+#define SB_UNPERMUTE_PAIRS(X, yt, W, rows) \
+  if constexpr (std::is_same<X, int16_t>::value) unpermute_pairs_vnni(yt, W, rows);
+SB_INT8_BLOCKS(SB_AVX2, avx2, q8_dequant_avx2, finish_avx2, to_h_avx2, SB_NO_UNPERMUTE)
+SB_INT8_BLOCKS(SB_VNNI, vnni, q8_dequant_avx512, finish_avx512, to_h_avx512, SB_UNPERMUTE_PAIRS)
 
 // VNNI quads: 16 tokens' quads are 64 contiguous bytes; vpdpbusd = maddubs + madd + add, without the
 // int16 intermediate (7-bit activations never saturated it, so the sums are the same).
@@ -1250,11 +1258,9 @@ SB_AVX2 inline void q8p_row_avx2(const int16_t* __restrict xp, const int32_t* __
 
 // VNNI pairs: one zmm holds two 16-token groups, and the lane-wise unpacks give the AVX2 loop's
 // accumulators of both side by side (acc[2g] | acc[2g+2] and acc[2g+1] | acc[2g+3]); vpdpwssd fuses
-// its madd + add.
-SB_VNNI inline __m512i load2_vnni(const int32_t* a, const int32_t* b) {  // two aligned 8-int32 halves
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(a))),
-                            _mm256_load_si256(reinterpret_cast<const __m256i*>(b)), 1);
-}
+// its madd + add. The int32 tile keeps them in that order (per 32 tokens: 0-7, 16-23, 8-15, 24-31), so
+// each (row, K chunk) loads and stores whole registers; unpermute_pairs_vnni restores token order once
+// per block, after the last chunk.
 
 template <int R2>
 SB_VNNI inline void q8p_row_vnni(const int16_t* __restrict xp, const int32_t* __restrict col,
@@ -1265,8 +1271,8 @@ SB_VNNI inline void q8p_row_vnni(const int16_t* __restrict xp, const int32_t* __
   __m512i lo[Z], hi[Z];
 #pragma GCC unroll 2
   for (int z = 0; z < Z; ++z) {
-    lo[z] = load2_vnni(out + 32 * z, out + 32 * z + 16);
-    hi[z] = load2_vnni(out + 32 * z + 8, out + 32 * z + 24);
+    lo[z] = _mm512_load_si512(out + 32 * z);
+    hi[z] = _mm512_load_si512(out + 32 * z + 16);
   }
 #pragma GCC unroll 2
   for (int64_t e = e0; e < e1; ++e) {
@@ -1282,11 +1288,21 @@ SB_VNNI inline void q8p_row_vnni(const int16_t* __restrict xp, const int32_t* __
   }
 #pragma GCC unroll 2
   for (int z = 0; z < Z; ++z) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z), _mm512_castsi512_si256(lo[z]));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z + 16), _mm512_extracti64x4_epi64(lo[z], 1));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z + 8), _mm512_castsi512_si256(hi[z]));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + 32 * z + 24), _mm512_extracti64x4_epi64(hi[z], 1));
+    _mm512_store_si512(out + 32 * z, lo[z]);
+    _mm512_store_si512(out + 32 * z + 16, hi[z]);
   }
+}
+
+// Token order back in rows of a q8p_row_vnni tile: per 32 tokens, 8-token groups 0, 2, 1, 3 -> 0, 1, 2, 3.
+SB_VNNI void unpermute_pairs_vnni(int32_t* yt, int W, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int j = 0; j < W; j += 32) {
+      int32_t* a = yt + i * W + j;  // groups 0 and 3 are in place; swap 2 and 1
+      const __m256i g2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a + 8));
+      const __m256i g1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a + 16));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(a + 8), g1);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(a + 16), g2);
+    }
 }
 
 template <int R2>
