@@ -7,6 +7,10 @@ weights too dense to gain, csr or block4 otherwise). Attention runs in the fused
 ``kernels/attention.cpp`` on AVX-512 CPUs (on feature-major Q/K/V that the QKV layer writes with
 ``y_t``; its context goes to the attention-output layer as ``x_t``), else as torch's
 ``scaled_dot_product_attention``; each residual add + LayerNorm is one pass (``kernels/layernorm.cpp``).
+Where the batch splits over the threads (and the layers are sparse formats), QKV, attention and the
+attention output run as one kernel call a sequence per thread (:func:`_attention_block`): the
+sequence's projections and context stay in that thread's cache. The fused kernels (attention block,
+FFN) finish their rows with the residual add + LayerNorm while the rows are in cache.
 The Hugging Face embeddings module, pooler and task head stay torch (FP32 in both precisions).
 
 Activations are token-major ``[batch * seq, H]`` (measured faster than feature-major for the FFN
@@ -19,10 +23,10 @@ batch-32 forward does not page-fault ~1.3 GB of fresh memory in.
 INT8 (``precision="int8"``): the encoder Linear layers use per-output-channel symmetric int8
 weights (the QAT scales of ``quantization.json`` when present, QAT-quantized embedding tables
 baked in as there) and dynamic 7-bit activations (see :mod:`.quantized_linear`): per tensor for
-QKV, attention output and FFN1, each range measured by the kernel that wrote the tensor (LayerNorm,
-attention), so no layer makes a min/max pass of its own; per token for FFN2, whose input is the
-fused FFN's hidden tile. :func:`int8_reference_model` builds the fake-quant PyTorch model that this
-reproduces.
+QKV and FFN1, each range measured by the LayerNorm that wrote the tensor, so no layer makes a
+min/max pass of its own; per token for the attention output and FFN2, whose inputs the fused
+kernels quantize a tile at a time, in cache. :func:`int8_reference_model` builds the fake-quant
+PyTorch model that this reproduces.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Quantization scheme (what :func:`reference_int8_linear` computes, in float64):
   FBGEMM and ONNX Runtime use on CPUs without VNNI) keep ``_mm256_maddubs_epi16`` exact: a pair
   of products is at most ``2 * 127 * 127 < 2**15``;
 * output: ``y = (xq - zp) @ Wq.T * (sx * scale) + b`` with exact int32 accumulation.
-* per-token activations (``per_token=True``; the engine's FFN2 input): each row of ``x`` gets its own
+* per-token activations (``per_token=True``; the engine's attention-output and FFN2 inputs): each token
+  (row of ``x``; column when ``x_t``) gets its own
   ``(sx, zp)`` from its own min/max (:func:`activation_qparams_per_token`). Each token's result then
   depends on that token alone, not on the rest of the batch, and the fused INT8 FFN
   (:func:`fused_ffn_int8`) can quantize a 64-token tile of hidden activations as soon as it is done.

@@ -50,6 +50,13 @@
 // two input rows, _mm256_madd_epi16 with the broadcast (w_a, w_b) gives 8 + 8 int32 sums. No
 // saturation is possible (int16 x int16 products, int32 sums).
 //
+// Fused kernels (one parallel region each, intermediates in per-thread scratch that stays in L2):
+//   spmm_ffn / spmm_ffn_q8  FFN1 -> activation -> FFN2 a 64-token tile at a time (INT8: the hidden tile is
+//                           quantized per token, from its own range, before FFN2 packs it);
+//   attention_block         QKV -> attention (attention.cpp) -> output layer a sequence at a time (INT8:
+//                           the context quantized per token);
+// both optionally finish with BERT's residual add + LayerNorm on their output rows (AddNorm).
+//
 // ISA: the AVX2/FMA code is compiled through __attribute__((target)) and chosen at run
 // time with __builtin_cpu_supports, so one cached build runs on any x86-64 CPU; the
 // portable path (plain C++ the compiler may auto-vectorise) is used elsewhere, incl. ARM.
