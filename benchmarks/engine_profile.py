@@ -2,7 +2,7 @@
 
 A BERT-shaped model with random weights (``--model bert-base``: 12 x 768, FFN 3072; ``minilm``: 6 x 384, FFN
 1536), every encoder Linear magnitude-pruned to ``--sparsity``, compiled with ``sparsebert.engine.compile`` and
-called at seq 128. The packed Linear layers' ``run``, the fused FFN, the attention kernel and the add +
+called at seq 128. The packed Linear layers' ``run``, the fused FFN and attention-block kernels, the attention kernel and the add +
 LayerNorm kernel are wrapped with timers (``perf_counter`` around each call; their overhead is ~1 us a call);
 "other" is the forward's wall time minus their sum (embeddings, pooler, head, Python glue).
 
@@ -63,8 +63,11 @@ def profile(model: torch.nn.Module, precision: str, batch: int, calls: int) -> t
     role = {id(m): names[n] for layer in compiled.layers for n, m in layer.items()}
     timed(sl.SparseLinear, "run", lambda a: f"Linear {role[id(a[0])]} ({a[0].format})")
     timed(SparseLinearInt8, "run", lambda a: f"Linear {role[id(a[0])]} ({a[0].format})")
-    timed(bert, "fused_ffn", lambda a: f"fused FFN1 + FFN2 ({a[0].format})")
-    timed(bert, "fused_ffn_int8", lambda a: f"fused FFN1 + FFN2 ({a[0].format} / {a[1].format})")
+    # The fused kernels include the residual add + LayerNorm that follows them.
+    timed(bert, "fused_ffn", lambda a: f"fused FFN1 + FFN2 + add & LayerNorm ({a[0].format})")
+    timed(bert, "fused_ffn_int8", lambda a: f"fused FFN1 + FFN2 + add & LayerNorm ({a[0].format} / {a[1].format})")
+    timed(bert, "_attention_block", lambda a: f"attention block: QKV + attention + output + add & LayerNorm "
+                                              f"({a[0].format} / {a[1].format})")
     timed(bert, "_add_layernorm", lambda a: "residual add + LayerNorm")
     attention = bert._fused_attention()
     if attention is not None:
