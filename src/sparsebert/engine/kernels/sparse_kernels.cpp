@@ -967,31 +967,17 @@ SB_AVX2 inline void q8_row_avx2(const uint8_t* __restrict xq, const int32_t* __r
 }
 
 SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t m0, int64_t n0, int64_t rows) {
-  if (p.x_scale_tok != nullptr) {  // per-token (sx, zp): one vector of each per 8 tokens, as the AVX-512 version
-    const float* sx = p.x_scale_tok + (m0 - p.tok_m0);
-    const int32_t* zp = p.x_zp_tok + (m0 - p.tok_m0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t n = n0 + i;
-      const __m256i ws = _mm256_set1_epi32(p.wsum[n]);
-      const __m256 sw = _mm256_set1_ps(p.wscale[n]);
-      const __m256 b = _mm256_set1_ps(p.bias ? p.bias[n] : 0.0f);
-      int32_t* a = yt + i * W8;
-      for (int j = 0; j < W8; j += 8) {
-        const __m256i c = _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zp + j)), ws);
-        const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(sx + j), sw);
-        const __m256i v = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + j)), c);
-        _mm256_store_ps(reinterpret_cast<float*>(a + j), _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sc, b));
-      }
-    }
-    return;
-  }
+  const float* sx = p.x_scale_tok ? p.x_scale_tok + (m0 - p.tok_m0) : nullptr;  // per token, else per tensor
+  const int32_t* zp = p.x_zp_tok ? p.x_zp_tok + (m0 - p.tok_m0) : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = n0 + i;
-    const __m256i c = _mm256_set1_epi32(p.x_zp * p.wsum[n]);
-    const __m256 s = _mm256_set1_ps(p.x_scale * p.wscale[n]);
+    const __m256i ws = _mm256_set1_epi32(p.wsum[n]), c_row = _mm256_set1_epi32(p.x_zp * p.wsum[n]);
+    const __m256 sw = _mm256_set1_ps(p.wscale[n]), s_row = _mm256_set1_ps(p.x_scale * p.wscale[n]);
     const __m256 b = _mm256_set1_ps(p.bias ? p.bias[n] : 0.0f);
     int32_t* a = yt + i * W8;
     for (int j = 0; j < W8; j += 8) {
+      const __m256i c = sx ? _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zp + j)), ws) : c_row;
+      const __m256 s = sx ? _mm256_mul_ps(_mm256_loadu_ps(sx + j), sw) : s_row;
       const __m256i v = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + j)), c);
       _mm256_store_ps(reinterpret_cast<float*>(a + j), _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, b));
     }
@@ -1000,31 +986,17 @@ SB_AVX2 void q8_dequant_avx2(const Problem& p, int32_t* yt, int W8, int64_t m0, 
 
 // AVX-512 dequantization (W a multiple of 16: the VNNI rows).
 SB_AVX512 void q8_dequant_avx512(const Problem& p, int32_t* yt, int W, int64_t m0, int64_t n0, int64_t rows) {
-  if (p.x_scale_tok != nullptr) {  // per-token (sx, zp): one vector of each per 16 tokens
-    const float* sx = p.x_scale_tok + (m0 - p.tok_m0);
-    const int32_t* zp = p.x_zp_tok + (m0 - p.tok_m0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t n = n0 + i;
-      const __m512i ws = _mm512_set1_epi32(p.wsum[n]);
-      const __m512 sw = _mm512_set1_ps(p.wscale[n]);
-      const __m512 b = _mm512_set1_ps(p.bias ? p.bias[n] : 0.0f);
-      int32_t* a = yt + i * W;
-      for (int j = 0; j < W; j += 16) {
-        const __m512i c = _mm512_mullo_epi32(_mm512_loadu_si512(zp + j), ws);
-        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sx + j), sw);
-        const __m512i v = _mm512_sub_epi32(_mm512_load_si512(a + j), c);
-        _mm512_store_ps(reinterpret_cast<float*>(a + j), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, b));
-      }
-    }
-    return;
-  }
+  const float* sx = p.x_scale_tok ? p.x_scale_tok + (m0 - p.tok_m0) : nullptr;  // per token, else per tensor
+  const int32_t* zp = p.x_zp_tok ? p.x_zp_tok + (m0 - p.tok_m0) : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = n0 + i;
-    const __m512i c = _mm512_set1_epi32(p.x_zp * p.wsum[n]);
-    const __m512 s = _mm512_set1_ps(p.x_scale * p.wscale[n]);
+    const __m512i ws = _mm512_set1_epi32(p.wsum[n]), c_row = _mm512_set1_epi32(p.x_zp * p.wsum[n]);
+    const __m512 sw = _mm512_set1_ps(p.wscale[n]), s_row = _mm512_set1_ps(p.x_scale * p.wscale[n]);
     const __m512 b = _mm512_set1_ps(p.bias ? p.bias[n] : 0.0f);
     int32_t* a = yt + i * W;
     for (int j = 0; j < W; j += 16) {
+      const __m512i c = sx ? _mm512_mullo_epi32(_mm512_loadu_si512(zp + j), ws) : c_row;
+      const __m512 s = sx ? _mm512_mul_ps(_mm512_loadu_ps(sx + j), sw) : s_row;
       const __m512i v = _mm512_sub_epi32(_mm512_load_si512(a + j), c);
       _mm512_store_ps(reinterpret_cast<float*>(a + j), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, b));
     }
@@ -2138,8 +2110,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n1"), py::arg("fmt1"), py::arg("k_chunk1"), py::arg("n_block1"), py::arg("order2"),
         py::arg("row_ptr2"), py::arg("col2"), py::arg("val2"), py::arg("bias2"), py::arg("n2"), py::arg("fmt2"),
         py::arg("k_chunk2"), py::arg("n_block2"), py::arg("num_threads"), py::arg("out") = py::none(),
-        py::arg("act") = 0, py::arg("force_generic") = false, py::arg("ln_residual") = py::none(), py::arg("ln_gamma") = py::none(), py::arg("ln_beta") = py::none(),
-        py::arg("ln_eps") = 1e-12, py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("act") = 0, py::arg("force_generic") = false, py::arg("ln_residual") = py::none(),
+        py::arg("ln_gamma") = py::none(), py::arg("ln_beta") = py::none(), py::arg("ln_eps") = 1e-12,
+        py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("spmm_q8", &spmm_q8,
         "Y = dequant(quant(X) @ Wq^T) (+ bias): X quantized per tensor to [0, 127] with "
         "(x_scale, x_zero_point), Wq int8 quads packed like BLOCK4 (or pairs) with per-row scales wscale",
@@ -2158,8 +2131,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("order2"), py::arg("row_ptr2"), py::arg("col2"), py::arg("qval2"), py::arg("wscale2"),
         py::arg("wsum2"), py::arg("bias2"), py::arg("n2"), py::arg("k_chunk2"), py::arg("n_block2"), py::arg("pairs2"),
         py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"), py::arg("out") = py::none(),
-        py::arg("act") = 0, py::arg("force_generic") = false, py::arg("ln_residual") = py::none(), py::arg("ln_gamma") = py::none(), py::arg("ln_beta") = py::none(),
-        py::arg("ln_eps") = 1e-12, py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("act") = 0, py::arg("force_generic") = false, py::arg("ln_residual") = py::none(),
+        py::arg("ln_gamma") = py::none(), py::arg("ln_beta") = py::none(), py::arg("ln_eps") = 1e-12,
+        py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("attention_block", &attention_block,
         "out = O(attention(QKV(x))) one sequence per thread, the projections and context kept in cache (FP32: "
         "fmt 0 csr / 1 block4; INT8: 2 quads / 3 pairs, QKV input per tensor, O input per token)",
