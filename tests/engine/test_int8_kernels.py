@@ -224,6 +224,10 @@ def test_int8_per_token_matches_reference(shape, pattern):
         _close(lin.run(x.t().contiguous(), x_t=True, per_token=True), ref)  # feature-major: a token per column
         if m > 1:
             _close(lin.run(x[-1:], per_token=True), ref[-1:])  # batch-independent
+        bad = x.clone()
+        bad[m // 2, k // 2] = float("nan")
+        with pytest.raises((RuntimeError, ValueError), match="non-finite"):
+            lin.run(bad, per_token=True)
 
 
 FFN_SHAPES = [  # (M, H, FFN): odd sizes; M = whole 64-token tiles, a ragged tail, a 16-token tail

@@ -335,11 +335,13 @@ class SparseLinearInt8(torch.nn.Module):
         ``per_token``: quantize each token (row of ``x``, column when ``x_t``) with its own ``(scale, zp)``."""
         # No torch.no_grad decorator and positional kernel arguments: see SparseLinear.run.
         x = x.contiguous()
-        if per_token:
+        mod = _kernels.load() if self.format != "dense" else None
+        if mod is not None and per_token:  # the kernel measures each token's range itself
+            sx, zp = 1.0, 0
+        elif per_token:
             sx, zp = activation_qparams_per_token(x.t() if x_t else x)
         else:
             sx, zp = activation_qparams_7bit(x, x_range)
-        mod = _kernels.load() if self.format != "dense" else None
         if mod is None:
             if self.format != "dense" and not SparseLinearInt8._warned_fallback:
                 import warnings
@@ -352,12 +354,10 @@ class SparseLinearInt8(torch.nn.Module):
                     self.weight_q = self.int_weight()
                 y = apply_epilogue(self._dense(x, sx, zp, x_t, y_t, out), act, minmax)
                 return y if out is None or y is out else out.copy_(y)
-        # positional after the threads: out, x_t, y_t, tile_w, force_generic, pairs, act, minmax, per-token (sx, zp)
-        tok = (sx, zp) if per_token else (None, None)
+        # positional after the threads: out, x_t, y_t, tile_w, force_generic, pairs, act, minmax, per_token
         return mod.spmm_q8(x, self.order, self.row_ptr, self.col, self.qval, self.wscale, self.wsum, self.bias,
-                           self.out_features, self.k_chunk, self.n_block, 1.0 if per_token else sx, 0 if per_token else zp,
-                           self.num_threads or torch.get_num_threads(), out, x_t, y_t, 64, False, self.format == "q8p",
-                           ACT_CODES[act], minmax, *tok)
+                           self.out_features, self.k_chunk, self.n_block, sx, zp, self.num_threads or torch.get_num_threads(),
+                           out, x_t, y_t, 64, False, self.format == "q8p", ACT_CODES[act], minmax, per_token)
 
     def _dense(self, x: torch.Tensor, sx, zp, x_t: bool, y_t: bool,
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1455,6 +1455,18 @@ SB_AVX512 void token_range_avx512(const float* h, int64_t ld, int64_t rows, floa
 }
 #endif
 
+// 7-bit asymmetric (scale, 1 / scale, zero point) of a range [mn, mx]: activation_qparams(mn, mx, bits=7) of
+// modifiers/quantization.py, in double as there. `sum` (of the values) only tells whether one was NaN / inf.
+inline bool qparams_7bit(float mn, float mx, float sum, float& scale, float& inv, int32_t& zp) {
+  const double lo = std::min(0.0, static_cast<double>(mn)), hi = std::max(0.0, static_cast<double>(mx));
+  const double sc = std::max((hi - lo) / 127.0, 1e-8);  // _EPS there
+  const double z = std::nearbyint(-lo / sc);            // round half to even, as Python's round()
+  scale = static_cast<float>(sc);
+  inv = 1.0f / scale;
+  zp = static_cast<int32_t>(std::min(127.0, std::max(0.0, z)));
+  return std::isfinite(sum) && std::isfinite(mn) && std::isfinite(mx);
+}
+
 // Per-token 7-bit parameters of tokens j < w (<= 64) of a feature-major tile h (rows of stride ld): what
 // activation_qparams(min(h[:, j]), max(h[:, j]), bits=7) returns, in double as there; scale / inv / zp
 // get kMaxW entries (tokens j >= w: 1, 1, 0). Returns false if a value of a valid token is not finite.
@@ -1483,15 +1495,38 @@ bool token_qparams(const float* h, int64_t ld, int64_t rows, int64_t w, float* s
       zp[j] = 0;
       continue;
     }
-    finite = finite && std::isfinite(sum[j]) && std::isfinite(mn[j]) && std::isfinite(mx[j]);
-    const double lo = std::min(0.0, static_cast<double>(mn[j])), hi = std::max(0.0, static_cast<double>(mx[j]));
-    const double sc = std::max((hi - lo) / 127.0, 1e-8);  // modifiers/quantization.py: _EPS
-    const double z = std::nearbyint(-lo / sc);            // round half to even, as Python's round()
-    scale[j] = static_cast<float>(sc);
-    inv[j] = 1.0f / scale[j];
-    zp[j] = static_cast<int32_t>(std::min(127.0, std::max(0.0, z)));
+    finite = qparams_7bit(mn[j], mx[j], sum[j], scale[j], inv[j], zp[j]) && finite;
   }
   return finite;
+}
+
+// Per-token parameters of every token of x (token-major [M, K] rows, or feature-major [K, M] when x_t) into
+// arrays of M + kMaxW entries (the padding as token_qparams leaves it). False if a value is not finite.
+bool all_token_qparams(const float* x, int64_t M, int64_t K, bool x_t, int num_threads, float* scale, float* inv,
+                       int32_t* zp) {
+  const int64_t tiles = (M + kMaxW - 1) / kMaxW;
+  std::atomic<bool> finite{true};
+#pragma omp parallel for num_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tiles))))
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t m0 = t * kMaxW, w = std::min<int64_t>(kMaxW, M - m0);
+    bool ok = true;
+    if (x_t) {
+      ok = token_qparams(x + m0, M, K, w, scale + m0, inv + m0, zp + m0);
+    } else {
+      for (int64_t j = 0; j < w; ++j) {  // a token's row is contiguous: reduce it directly
+        const float* row = x + (m0 + j) * K;
+        float mn = INFINITY, mx = -INFINITY, sum = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+          mn = row[k] < mn ? row[k] : mn;
+          mx = row[k] > mx ? row[k] : mx;
+          sum += row[k];
+        }
+        ok = qparams_7bit(mn, mx, sum, scale[m0 + j], inv[m0 + j], zp[m0 + j]) && ok;
+      }
+    }
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  }
+  return finite.load();
 }
 
 // One INT8 work item (output rows [n_begin, n_end) of tokens m0 .. m0+w) in either layout, packing X
@@ -1884,8 +1919,7 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
                    int64_t k_chunk, int64_t n_block, double x_scale, int64_t x_zero_point,
                    int64_t num_threads, const c10::optional<at::Tensor>& out, bool x_t, bool y_t,
                    int64_t tile_w, bool force_generic, bool pairs, int64_t act,
-                   const c10::optional<at::Tensor>& minmax, const c10::optional<at::Tensor>& x_scale_tok,
-                   const c10::optional<at::Tensor>& x_zp_tok) {
+                   const c10::optional<at::Tensor>& minmax, bool per_token) {
   // quads: 4 int8 weights per entry of col; pairs: 2 entries of col and one int32 (2 x int16) per pair
   TORCH_CHECK(qval.scalar_type() == at::kChar && qval.numel() == (pairs ? 2 : 4) * col.numel() && qval.is_contiguous(),
               "spmm_q8: qval must be a contiguous int8 tensor of 4 bytes per quad (quads: one col each; pairs: two)");
@@ -1906,34 +1940,21 @@ at::Tensor spmm_q8(const at::Tensor& x, const at::Tensor& order, const at::Tenso
   p.x_scale = static_cast<float>(x_scale);
   p.x_inv_scale = 1.0f / static_cast<float>(x_scale);
   p.x_zp = static_cast<int32_t>(x_zero_point);
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   std::vector<float> tok_scale, tok_inv;
   std::vector<int32_t> tok_zp;
-  const bool per_token = x_scale_tok.has_value() && x_scale_tok->defined();
-  TORCH_CHECK(per_token == (x_zp_tok.has_value() && x_zp_tok->defined()),
-              "spmm_q8: per-token quantization needs both x_scale_tok and x_zp_tok");
-  if (per_token) {  // copies padded to whole tiles (the kernels read a tile's worth of entries)
-    TORCH_CHECK(x_scale_tok->scalar_type() == at::kFloat && x_scale_tok->numel() == p.M && x_scale_tok->is_contiguous() &&
-                    x_zp_tok->scalar_type() == at::kInt && x_zp_tok->numel() == p.M && x_zp_tok->is_contiguous(),
-                "spmm_q8: x_scale_tok / x_zp_tok must be contiguous float32 / int32 [M] tensors");
-    const float* sc = x_scale_tok->data_ptr<float>();
-    const int32_t* zp = x_zp_tok->data_ptr<int32_t>();
+  if (per_token) {  // each token's own range (arrays padded to whole tiles: the kernels read a tile's worth)
     tok_scale.assign(p.M + kMaxW, 1.0f);
     tok_inv.assign(p.M + kMaxW, 1.0f);
     tok_zp.assign(p.M + kMaxW, 0);
-    for (int64_t m = 0; m < p.M; ++m) {
-      TORCH_CHECK(sc[m] > 0 && std::isfinite(sc[m]) && zp[m] >= 0 && zp[m] <= 127,
-                  "spmm_q8: per-token scales must be positive and finite, zero points in [0, 127]");
-      tok_scale[m] = sc[m];
-      tok_inv[m] = 1.0f / sc[m];
-      tok_zp[m] = zp[m];
-    }
+    TORCH_CHECK(all_token_qparams(p.x, p.M, p.K, p.x_t, threads, tok_scale.data(), tok_inv.data(), tok_zp.data()),
+                "spmm_q8: cannot quantize activations with non-finite values (NaN or infinite)");
     p.x_scale_tok = tok_scale.data();
     p.x_inv_tok = tok_inv.data();
     p.x_zp_tok = tok_zp.data();
   }
   const bool avx2 = cpu().avx2_fma && !force_generic;
   p.vnni = avx2 && cpu().vnni;
-  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (pairs)
     run<Format::Q8P>(p, threads, static_cast<int>(tile_w), avx2);
   else
@@ -2115,14 +2136,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ln_minmax") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("spmm_q8", &spmm_q8,
         "Y = dequant(quant(X) @ Wq^T) (+ bias): X quantized per tensor to [0, 127] with "
-        "(x_scale, x_zero_point), Wq int8 quads packed like BLOCK4 (or pairs) with per-row scales wscale",
+        "(x_scale, x_zero_point), or per token from its own range (per_token), Wq int8 quads packed like BLOCK4 (or pairs) with per-row scales wscale",
         py::arg("x"), py::arg("order"), py::arg("row_ptr"), py::arg("col"), py::arg("qval"),
         py::arg("wscale"), py::arg("wsum"), py::arg("bias"), py::arg("n"), py::arg("k_chunk"),
         py::arg("n_block"), py::arg("x_scale"), py::arg("x_zero_point"), py::arg("num_threads"),
         py::arg("out") = py::none(), py::arg("x_t") = false, py::arg("y_t") = false,
         py::arg("tile_w") = 64, py::arg("force_generic") = false, py::arg("pairs") = false,
-        py::arg("act") = 0, py::arg("minmax") = py::none(), py::arg("x_scale_tok") = py::none(),
-        py::arg("x_zp_tok") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("act") = 0, py::arg("minmax") = py::none(), py::arg("per_token") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("spmm_ffn_q8", &spmm_ffn_q8,
         "Y = act(X @ W1^T + b1) @ W2^T + b2 in INT8 (two packed int8 weights, quads or pairs): X quantized per "
         "tensor with (x_scale, x_zero_point), the hidden activations per token inside the fused tile",
