@@ -105,6 +105,15 @@ def test_transpose_matches_torch(rows, cols, generic):
         mod.transpose(x, 2, torch.empty(rows + 1, cols))
 
 
+@pytest.fixture
+def two_threads():
+    """torch at 2 threads for the test (the attention block splits sequences over them), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _block_layers(precision: str, fmt: str, hidden: int, out_features: int, g: torch.Generator):
     from sparsebert.engine import SparseLinear, SparseLinearInt8
 
@@ -127,7 +136,7 @@ def _block_layers(precision: str, fmt: str, hidden: int, out_features: int, g: t
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("fmt", ["unstructured", "block4"])
 @pytest.mark.parametrize("b,s,h,d,masked", [(2, 70, 3, 16, True), (4, 130, 2, 24, False), (2, 5, 4, 8, True)])
-def test_attention_block_matches_unfused(precision, fmt, b, s, h, d, masked):
+def test_attention_block_matches_unfused(precision, fmt, b, s, h, d, masked, two_threads):
     """attention_block (QKV -> attention -> output layer, one sequence per thread, intermediates in
     cache) gives the unfused layers' result: bit for bit on the SIMD path, within rounding on the
     portable one."""
@@ -148,7 +157,6 @@ def test_attention_block_matches_unfused(precision, fmt, b, s, h, d, masked):
     expected = o.run(ctx_t, x_t=True, per_token=True) if int8 else o.run(ctx_t, x_t=True)
     out = torch.full((b * s, out_features), float("nan"))
     with torch.inference_mode():
-        torch.set_num_threads(2)
         got = bert._attention_block(qkv, o, x, b, s, h, d, mask, None, out)
     assert got is out
     # The same sums; a sequence's last token tile may be narrower than the unfused one at that position,
@@ -184,13 +192,12 @@ def test_attention_block_matches_unfused(precision, fmt, b, s, h, d, masked):
     assert float((generic - expected).abs().max()) <= tol
 
 
-def test_attention_block_applies_only_where_it_can():
+def test_attention_block_applies_only_where_it_can(two_threads):
     from sparsebert.engine import SparseLinear, bert
 
     g = torch.Generator().manual_seed(7)
     qkv, o = _block_layers("fp32", "unstructured", 32, 32, g)
     x, out = torch.randn(3 * 8, 32, generator=g), torch.empty(3 * 8, 32)
-    torch.set_num_threads(2)
     assert bert._attention_block(qkv, o, x[:16], 2, 8, 2, 16, None, None, out[:16]) is not None
     assert bert._attention_block(qkv, o, x[:8], 1, 8, 2, 16, None, None, out[:8]) is None  # a thread would idle
     assert bert._attention_block(qkv, o, x, 3, 8, 2, 16, None, None, out) is None  # 2 + 1 sequences: uneven

@@ -189,24 +189,22 @@ class _Layer:
         # wrote them (no min/max pass of their own; ws.x_range is this block's input's); the attention
         # output and FFN2 inputs per token.
         int8 = self.int8
-        qkv_range = {"x_range": ws.x_range} if int8 else {}
-        o_tok = {"per_token": True} if int8 else {}
         x1_range = torch.empty(2) if int8 else None  # fresh per call: the model may run in several threads
         # Fused kernels finish with the residual add + LayerNorm themselves (add_norm) while the rows are in cache.
         x1 = _attention_block(self.qkv, self.o, x, batch, seq, self.heads, self.head_dim, mask, ws.x_range, a_buf,
                               (x, *self.ln1_args, x1_range))
         if x1 is None:
             if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
-                qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens), **qkv_range)  # [3H, tokens]
+                qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens), x_range=ws.x_range)  # [3H, tokens]
                 mask2 = None if mask is None else mask.view(batch, seq)
                 ctx_t = att(qkv_t, batch, seq, self.heads, self.head_dim, mask2, torch.get_num_threads(), False,
                             ws.get("ctx", hidden, tokens))
-                a = self.o.run(ctx_t, x_t=True, out=a_buf, **o_tok)
+                a = self.o.run(ctx_t, x_t=True, out=a_buf, per_token=True)
             else:
-                qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * hidden), **qkv_range)
+                qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * hidden), x_range=ws.x_range)
                 q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, seq, 3, self.heads, self.head_dim).unbind(2))
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
-                a = self.o.run(ctx.transpose(1, 2).reshape(tokens, hidden), out=a_buf, **o_tok)
+                a = self.o.run(ctx.transpose(1, 2).reshape(tokens, hidden), out=a_buf, per_token=True)
             x1 = _add_layernorm(a, x, self.ln1_args, x1_range)
         # x is dead from here: FFN2 writes its output into it. Both FFN layers in one kernel call where it
         # applies: the hidden tile stays in cache.
@@ -220,9 +218,9 @@ class _Layer:
             y = fused_ffn(self.ffn1, self.ffn2, x1, fused, out=x, add_norm=add_norm)
         if y is not None:
             return y
-        h = self.ffn1.run(x1, act=fused, out=ws.get("h", tokens, self.ffn1.out_features), **({"x_range": x1_range} if int8 else {}))
+        h = self.ffn1.run(x1, act=fused, out=ws.get("h", tokens, self.ffn1.out_features), x_range=x1_range)
         h = h if fused else self.act_module(h)
-        y = self.ffn2.run(h, out=x, per_token=True) if int8 else self.ffn2.run(h, out=x)
+        y = self.ffn2.run(h, out=x, per_token=True)
         return _add_layernorm(y, x1, self.ln2_args, ws.x_range)
 
 

@@ -424,7 +424,8 @@ class SparseLinear(torch.nn.Module):
                         x_t=True, y_t=True)
 
     def run(self, x: torch.Tensor, x_t: bool = False, y_t: bool = False, act: str | None = None,
-            minmax: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            minmax: torch.Tensor | None = None, out: torch.Tensor | None = None, x_range=None,
+            per_token: bool = False) -> torch.Tensor:
         """Unchecked 2-D entry point for engines: ``x`` float32 ``[M, K]`` (``[K, M]`` when
         ``x_t``) -> float32 ``[M, N]`` (``[N, M]`` when ``y_t``). No autograd.
 
@@ -435,6 +436,8 @@ class SparseLinear(torch.nn.Module):
         a fresh multi-MB output costs its page faults on every call). Returns the output: ``out``,
         except on the pre-packed MKL path of a dense layer (at most ``PACK_MAX_ROWS`` rows, where
         MKL allocates its own and a copy would cost more than it saves), or a new tensor.
+        ``x_range`` / ``per_token``: how :meth:`SparseLinearInt8.run` quantizes ``x``; accepted and ignored
+        here (FP32 quantizes nothing), so an engine calls both precisions alike.
         """
         # Called ~25 times per MiniLM forward: no decorator, positional kernel arguments (pybind's
         # keyword parsing and torch.no_grad's context manager cost ~15 us a call, ~4% at batch 1).

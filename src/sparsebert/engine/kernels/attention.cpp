@@ -196,6 +196,15 @@ SB_ATT_AVX512 void item_avx512(const Att& a, int64_t b, int64_t h, int64_t i0, i
 }
 #endif
 
+// One work item on the chosen path (the AVX-512 one only where compiled and asked for).
+void item(const Att& a, int64_t b, int64_t h, int64_t i0, int64_t ni, bool avx512) {
+#if SB_ATT_X86
+  if (avx512) return item_avx512(a, b, h, i0, ni);
+#endif
+  (void)avx512;
+  item_generic(a, b, h, i0, ni);
+}
+
 }  // namespace
 
 // One sequence, all heads, on the calling thread (the fused attention block of sparse_kernels.cpp):
@@ -204,17 +213,7 @@ void attention_sequence(const float* qkv, const float* mask, float* out, int64_t
                         bool avx512) {
   const Att a{qkv, mask, out, S, S, heads, head_dim, 1.0f / std::sqrt(static_cast<float>(head_dim))};
   for (int64_t h = 0; h < heads; ++h)
-    for (int64_t i0 = 0; i0 < S; i0 += kQueries) {
-      const int64_t ni = std::min<int64_t>(kQueries, S - i0);
-#if SB_ATT_X86
-      if (avx512) {
-        item_avx512(a, 0, h, i0, ni);
-        continue;
-      }
-#endif
-      (void)avx512;
-      item_generic(a, 0, h, i0, ni);
-    }
+    for (int64_t i0 = 0; i0 < S; i0 += kQueries) item(a, 0, h, i0, std::min<int64_t>(kQueries, S - i0), avx512);
 }
 
 at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
@@ -246,23 +245,11 @@ at::Tensor attention_t(const at::Tensor& qkv_t, int64_t batch, int64_t seq, int6
         1.0f / std::sqrt(static_cast<float>(head_dim))};
   const int64_t blocks = (seq + kQueries - 1) / kQueries;
   const int64_t items = batch * heads * blocks;
-#if SB_ATT_X86
-  const bool fast = avx512;
-#else
-  const bool fast = false;
-  (void)avx512;
-#endif
 #pragma omp parallel for num_threads(static_cast<int>(std::max<int64_t>(1, num_threads))) schedule(static)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t blk = it % blocks, h = (it / blocks) % heads, b = it / (blocks * heads);
-    const int64_t i0 = blk * kQueries, ni = std::min<int64_t>(kQueries, seq - i0);
-#if SB_ATT_X86
-    if (fast) {
-      item_avx512(a, b, h, i0, ni);
-      continue;
-    }
-#endif
-    item_generic(a, b, h, i0, ni);
+    const int64_t i0 = blk * kQueries;
+    item(a, b, h, i0, std::min<int64_t>(kQueries, seq - i0), avx512);
   }
   return out;
 }

@@ -116,17 +116,7 @@ void add_layernorm_(at::Tensor& a, const at::Tensor& residual, const at::Tensor&
     const int64_t m0 = M * t / n, m1 = M * (t + 1) / n;
     const bool range = minmax != nullptr;
     float lo = INFINITY, hi = -INFINITY;
-#if SB_LN_X86
-    if (isa == 2)
-      rows_avx512(pa, pr, pg, pb, m0, m1, H, e, range, lo, hi);
-    else if (isa == 1)
-      rows_avx2(pa, pr, pg, pb, m0, m1, H, e, range, lo, hi);
-    else
-      rows_generic(pa, pr, pg, pb, m0, m1, H, e, range, lo, hi);
-#else
-    (void)isa;
-    rows_generic(pa, pr, pg, pb, m0, m1, H, e, range, lo, hi);
-#endif
+    add_layernorm_rows(pa, pr, pg, pb, m0, m1, H, e, isa, range, lo, hi);
     if (range) {
 #pragma omp critical(sparsebert_ln_range)
       {
