@@ -212,6 +212,7 @@ def build_jobs(model: str, work: Path, smoke: bool) -> list[Job]:
     jobs += long_jobs(w, few, smoke)
     jobs += b128_jobs(model, w, few, smoke)
     jobs += gmp_sweep_jobs(w, few, smoke)
+    jobs += seed_jobs(model, w, few, smoke)
     return jobs
 
 
@@ -303,6 +304,51 @@ def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list
                  deps=("sst2b128-dense",))
              for kind, extra in nxt]
     jobs.append(Job("next-squad-obs-lr4e-4", squad_obs(4e-4, lo=6), deps=("squad-dense",)))
+    return jobs
+
+
+def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) -> list[Job]:
+    """Session 9 (issues 3 and 4), run as ``--only sst2b128-dense squad-dense s9-...``. Issue 3: session 7's
+    best GMP student (init_lr 4e-4, T 5.5, global ranking, 9 epochs, pruning to epoch 4.5: -1.38 at seed
+    42) read 86.0-87.6 across six near-identical settings, so the gap is now measured as a mean over seeds:
+    the same student at seeds 1-3 (fixed 9 epochs, skipped rather than shortened), and the dense teacher's
+    own seed spread (seeds 1, 2; started after the teacher so that its epoch time, which sizes the
+    students, is measured as in session 7). Issue 4 names GMP, which on SQuAD never ran above init_lr 1e-4 while on
+    SST-2 the LR was the lever that mattered (1e-4 -> 4e-4: +3.8 points): GMP at 4e-4, and oBERT at 6e-4
+    (2e-4 -> 4e-4 gave -3.02 -> -2.65 F1)."""
+    b128 = ["--task", "sst2", "--logging-steps", "50", "--eval-each-epoch", "--batch-size", "128"]
+    best = {"init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True}
+    jobs = [Job(f"s9-dense-seed{seed}", ["train", "--seed", str(seed)] + b128 + [
+        "--model", model, "--recipe", "recipes/glue/dense.yaml",
+        "--recipe-args", json.dumps({"num_epochs": 3.0})] + few, deps=("sst2b128-dense",)) for seed in (1, 2)]
+
+    def gmp_seed(seed: int):
+        def args(s: Scheduler):
+            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=9, hi=9, slowdown=1.8, margin_s=30.0)
+            if n is None:
+                return None
+            kw = dict(num_epochs=float(n), prune_end=n * 0.5, **best)
+            return ["train", "--seed", str(seed)] + b128 + [
+                "--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"),
+                "--recipe", "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
+        return args
+    jobs += [Job(f"s9-gmp-seed{seed}", gmp_seed(seed), deps=("sst2b128-dense",)) for seed in (1, 2, 3)]
+
+    def squad(recipe: str, init_lr: float):
+        obs = recipe.startswith("obs")
+        def args(s: Scheduler):
+            n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=6, hi=14, slowdown=2.5, extra_s=120.0 if obs else 0.0)
+            if n is None:
+                return None
+            kw = {"num_epochs": float(n), "init_lr": init_lr}
+            if obs:
+                kw["update_frequency"] = obs_update_frequency(n * 0.5)
+            return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
+                    "--split-by-article", "36:12", "--recipe", f"recipes/squad/{recipe}.yaml",
+                    "--recipe-args", json.dumps(kw)] + few
+        return args
+    jobs.append(Job("s9-squad-gmp-lr4e-4", squad("gmp80-block4-kd", 4e-4), deps=("squad-dense",)))
+    jobs.append(Job("s9-squad-obs-lr6e-4", squad("obs80-block4-kd", 6e-4), deps=("squad-dense",)))
     return jobs
 
 
