@@ -4,6 +4,7 @@
     python benchmarks/gpu_report.py CALL1/summary.json CALL2/summary.json --long --device ... --command C1 --command C2
     python benchmarks/gpu_report.py S5/summary.json --sweep --device ... --command C
     python benchmarks/gpu_report.py S7/summary.json --next S7_CALL2_DIR --device ... --command C1 --command C2
+    python benchmarks/gpu_report.py S7/summary.json S9/summary.json --seeds S9_CALL2_DIR --device ... --command C1 --command C2
 """
 
 from __future__ import annotations
@@ -277,6 +278,49 @@ def report_next(runs: dict, curves: dict, device: str, commands: list[str]) -> N
                   "\n".join(body))
 
 
+def report_seeds(runs: dict, curves: dict, device: str, commands: list[str]) -> None:
+    """Write the session-9 section (issue 3: session 7's best GMP student over four seeds against the dense
+    fine-tune's seed spread; issue 4: GMP at init_lr 4e-4 and oBERT at 6e-4 on SQuAD): ``gpu_seeds``.
+    ``runs`` holds session 7's call 1 (for seed 42), session 9's call 1 and call 2 (:func:`runs_from_logs`)."""
+    import statistics
+
+    acc = lambda v: 100 * v["accuracy"]  # noqa: E731
+    ref = _ref(runs, "sst2b128-dense", acc)
+    dense = [("sst2b128-dense", "(a) dense fine-tune, seed 42 (the teacher)"),
+             ("s9-dense-seed1", "dense fine-tune, seed 1"), ("s9-dense-seed2", "dense fine-tune, seed 2")]
+    gmp = [("next-gmp-lr4e-4-t5.5-global", "(b) GMP, seed 42 (session 7)"),
+           ("s9-gmp-seed1", "(b) GMP, seed 1"), ("s9-gmp-seed2", "(b) GMP, seed 2"), ("s9-gmp-seed3", "(b) GMP, seed 3")]
+
+    def stats(names: list[tuple[str, str]]) -> tuple[float, float, int]:
+        vals = [acc(runs[n]["metrics"]["validation"]) for n, _ in names if runs.get(n, {}).get("metrics")]
+        return statistics.mean(vals), statistics.stdev(vals), len(vals)
+
+    dm, ds, dn = stats(dense)
+    gm, gs, gn = stats(gmp)
+    body = [_where(device, commands[:1]) + f" Call 2 (the same warm machine) ran the three seed students from call 1's "
+            f"teacher by hand: `{commands[1]}`. Seed 42's student is session 7's run (`gpu_gmp_next` above; same command, "
+            "same teacher weights: the teacher reads 88.99 in every session).", "",
+            "SST-2, full train set (67,349), full dev (872), seq 128, batch 128. Students: 80% block4 from (a) with KD from "
+            "it (hardness 1.0), `recipes/glue/gmp80-block4-kd.yaml` with session 7's best overrides (init_lr 4e-4, temperature "
+            "5.5, global_sparsity, 9 epochs, cubic pruning to epoch 4.5, LR linear to 0); only `--seed` differs (data order, "
+            "dropout). Dense runs: `recipes/glue/dense.yaml`, 3 epochs.", "", SST2_HEAD,
+            *(_row(runs, n, lab, acc, ref) for n, lab in dense + gmp), "",
+            "| summary | dev | Δ |", "|---|---|---|",
+            f"| dense, mean +- std over {dn} seeds | {dm:.2f} +- {ds:.2f} | |",
+            f"| (b) GMP, mean +- std over {gn} seeds | {gm:.2f} +- {gs:.2f} | {gm - ref:+.2f} vs (a); {gm - dm:+.2f} vs the dense mean |",
+            "", "Dev accuracy at each epoch end: " + "; ".join(f"{n}: {_epoch_curve(curves, n)}" for n, _ in gmp), "",
+            "SQuAD v1.1 (issue 4), call 1, 36:12 article split (**training used dev articles**; scores on the 12 held-out "
+            "articles), students from (a) with KD on start/end logits (hardness 1.0, T 5.5), epochs fitted to the time left. "
+            "GMP had only run at the recipe's init_lr 1e-4 (16 epochs: F1 49.3, session 4); oBERT at 2e-4 / 4e-4 had "
+            "given -3.02 / -2.65.", "", SQUAD_HEAD,
+            _squad_row(runs, "squad-dense", "(a) dense fine-tune", "squad-dense"),
+            _squad_row(runs, "s9-squad-gmp-lr4e-4", "(b) GMP 80% block4 + KD, init_lr 4e-4", "squad-dense"),
+            _squad_row(runs, "s9-squad-obs-lr6e-4", "(b, oBERT) oBERT 80% block4 + KD, init_lr 6e-4", "squad-dense"), "",
+            _commands(runs, [n for n, _ in dense] + ["squad-dense", "s9-squad-gmp-lr4e-4", "s9-squad-obs-lr6e-4"])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_seeds", "SST-2 on a GPU: the best GMP student over four seeds (session 9)",
+                  "\n".join(body))
+
+
 def epoch_curves(tarball: Path) -> dict[str, list[float]]:
     """Per-run list of ``eval_validation_accuracy`` values logged by ``--eval-each-epoch``."""
     import tarfile
@@ -302,6 +346,7 @@ if __name__ == "__main__":
     ap.add_argument("--sweep", action="store_true", help="write the session-5 section (GMP settings side by side)")
     ap.add_argument("--next", type=Path, metavar="CALL2_DIR",
                     help="write the session-7 section; CALL2_DIR holds the hand-started runs (see runs_from_logs)")
+    ap.add_argument("--seeds", type=Path, metavar="CALL2_DIR", help="write the session-9 section (as --next)")
     a = ap.parse_args()
     curves: dict[str, list[float]] = {}
     runs: dict = {}
@@ -311,7 +356,12 @@ if __name__ == "__main__":
         done = {k: v for k, v in json.loads(summary.read_text())["runs"].items() if v.get("status") != "skipped"}
         runs.update(done)  # by name: the latest call's run
         runs.update({f"{k}@call{i}": v for k, v in done.items()})  # by name and call
-    if a.next:
+    if a.seeds:
+        more, more_curves = runs_from_logs(a.seeds)
+        runs.update(more)
+        curves.update(more_curves)
+        report_seeds(runs, curves, a.device, a.command)
+    elif a.next:
         more, more_curves = runs_from_logs(a.next)
         runs.update(more)
         curves.update(more_curves)
