@@ -350,8 +350,8 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     jobs.append(Job("s9-squad-gmp-lr4e-4", squad("gmp80-block4-kd", 4e-4), deps=("squad-dense",)))
     jobs.append(Job("s9-squad-obs-lr6e-4", squad("obs80-block4-kd", 6e-4), deps=("squad-dense",)))
     # Queued for the next device session (not run yet). Issue 4: oBERT's LR trend on SQuAD had not turned at 6e-4
-    # (-3.02 / -2.65 / -2.34 F1 at 2e-4 / 4e-4 / 6e-4): 8e-4. Issue 3: all four seed
-    # curves peaked at epochs 5-6 and fell 0.5-1.6 points over the last recovery epochs, so a 6-epoch run
+    # (-3.02 / -2.65 / -2.34 F1 at 2e-4 / 4e-4 / 6e-4): 8e-4. Issue 3: three of the four
+    # seed curves peaked at epochs 5-6 and fell 0.9-1.4 points by epoch 9, so a 6-epoch run
     # (pruning to epoch 3, recovery 3) at seeds 42 and 1; and the other direction, a gentler prune: 12 epochs,
     # pruning to epoch 6 (SparseML's BERT recipes prune over ~10 of ~30 epochs; 12 is what fits ~36 s an epoch
     # with four runs sharing the GPU after a ~90 s teacher in a 555 s call).
