@@ -356,15 +356,13 @@ if __name__ == "__main__":
         done = {k: v for k, v in json.loads(summary.read_text())["runs"].items() if v.get("status") != "skipped"}
         runs.update(done)  # by name: the latest call's run
         runs.update({f"{k}@call{i}": v for k, v in done.items()})  # by name and call
-    if a.seeds:
-        more, more_curves = runs_from_logs(a.seeds)
+    if a.seeds or a.next:  # a second call's hand-started runs
+        more, more_curves = runs_from_logs(a.seeds or a.next)
         runs.update(more)
         curves.update(more_curves)
+    if a.seeds:
         report_seeds(runs, curves, a.device, a.command)
     elif a.next:
-        more, more_curves = runs_from_logs(a.next)
-        runs.update(more)
-        curves.update(more_curves)
         report_next(runs, curves, a.device, a.command)
     elif a.sweep:
         report_sweep(runs, curves, a.device, a.command)

@@ -242,6 +242,24 @@ def b128_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     return jobs
 
 
+def squad_student(w: Callable[[str], str], few: list[str], smoke: bool, recipe: str, init_lr: float, lo: int):
+    """A SQuAD student (36:12 split) of ``squad-dense`` with KD from it, ``recipes/squad/{recipe}.yaml`` at
+    ``init_lr``, epochs fitted (oBERT: its Fisher passes budgeted, ~12 mask updates)."""
+    obs = recipe.startswith("obs")
+
+    def args(s: Scheduler):
+        n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=lo, hi=14, slowdown=2.5, extra_s=120.0 if obs else 0.0)
+        if n is None:
+            return None
+        kw = {"num_epochs": float(n), "init_lr": init_lr}
+        if obs:
+            kw["update_frequency"] = obs_update_frequency(n * 0.5)
+        return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
+                "--split-by-article", "36:12", "--recipe", f"recipes/squad/{recipe}.yaml",
+                "--recipe-args", json.dumps(kw)] + few
+    return args
+
+
 def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list[Job]:
     """Session 5 (issue 3): can GMP itself reach the target? Run as ``--only sst2b128-dense sweep-...``.
     Session 4's GMP 80% block4 students lost 3.2-5.3 points, against 0.9 for oBERT; doubling the LR had
@@ -265,18 +283,6 @@ def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list
                            f"recipes/glue/{recipe}.yaml", "--recipe-args", json.dumps(kw)] + few
         return args
 
-    def squad_obs(init_lr: float, lo: int):
-        """oBERT 80% block4 + KD on SQuAD (36:12 split) from ``squad-dense``, epochs fitted."""
-        def args(s: Scheduler):
-            n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=lo, hi=14, slowdown=2.5, extra_s=120.0)
-            if n is None:
-                return None
-            kw = {"num_epochs": float(n), "init_lr": init_lr, "update_frequency": obs_update_frequency(n * 0.5)}
-            return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
-                    "--split-by-article", "36:12", "--recipe", "recipes/squad/obs80-block4-kd.yaml",
-                    "--recipe-args", json.dumps(kw)] + few
-        return args
-
     t55_global = {"temperature": 5.5, "global_sparsity": True}
     sweep = (("gmp-lr2e-4", "gmp80-block4-kd", {"init_lr": 2e-4}),
              ("gmp-lr4e-4", "gmp80-block4-kd", {"init_lr": 4e-4}),
@@ -287,7 +293,7 @@ def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list
              ("gmpstar-lr4e-4", "gmpstar80-block4-kd", {"init_lr": 4e-4}))
     jobs = [Job(f"sweep-{kind}", student(recipe, extra, lo=3, hi=20, slowdown=2.0), deps=("sst2b128-dense",))
             for kind, recipe, extra in sweep]
-    jobs.append(Job("sweep-squad-obs-lr2e-4", squad_obs(2e-4, lo=4), deps=("squad-dense",)))
+    jobs.append(Job("sweep-squad-obs-lr2e-4", squad_student(w, few, smoke, "obs80-block4-kd", 2e-4, lo=4), deps=("squad-dense",)))
     # Second, short call (the ~4 min of device time left): does the LR trend go on past 4e-4, and do
     # T 5.5 and global ranking add to it? Four students, same (shorter) schedule.
     short = (("lr4e-4", {"init_lr": 4e-4}), ("lr8e-4", {"init_lr": 8e-4}),
@@ -303,7 +309,7 @@ def gmp_sweep_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list
     jobs += [Job(f"next-gmp-{kind}", student("gmp80-block4-kd", extra, lo=6, hi=12, slowdown=1.8, margin_s=45.0),
                  deps=("sst2b128-dense",))
              for kind, extra in nxt]
-    jobs.append(Job("next-squad-obs-lr4e-4", squad_obs(4e-4, lo=6), deps=("squad-dense",)))
+    jobs.append(Job("next-squad-obs-lr4e-4", squad_student(w, few, smoke, "obs80-block4-kd", 4e-4, lo=6), deps=("squad-dense",)))
     return jobs
 
 
@@ -322,57 +328,34 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
         "--model", model, "--recipe", "recipes/glue/dense.yaml",
         "--recipe-args", json.dumps({"num_epochs": 3.0})] + few, deps=("sst2b128-dense",)) for seed in (1, 2)]
 
-    def gmp_seed(seed: int):
+    def gmp(name: str, seed: int, epochs: int, prune_end: float, must_fit: bool = False) -> Job:
+        """Job ``name``: a GMP student of ``sst2b128-dense`` with ``best``, fixed epochs; ``must_fit``: skipped when they
+        do not fit the time left (rather than killed at the deadline)."""
         def args(s: Scheduler):
-            n = 1 if smoke else fitted_epochs(s, "sst2b128-dense", 3.0, lo=9, hi=9, slowdown=1.8, margin_s=30.0)
-            if n is None:
+            if must_fit and not smoke and fitted_epochs(s, "sst2b128-dense", 3.0, lo=epochs, hi=epochs,
+                                                        slowdown=1.8, margin_s=30.0) is None:
                 return None
-            kw = dict(num_epochs=float(n), prune_end=n * 0.5, **best)
+            kw = dict(num_epochs=1.0 if smoke else float(epochs), prune_end=0.5 if smoke else prune_end, **best)
             return ["train", "--seed", str(seed)] + b128 + [
                 "--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"),
                 "--recipe", "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
-        return args
-    jobs += [Job(f"s9-gmp-seed{seed}", gmp_seed(seed), deps=("sst2b128-dense",)) for seed in (1, 2, 3)]
-
-    def squad(recipe: str, init_lr: float):
-        obs = recipe.startswith("obs")
-        def args(s: Scheduler):
-            n = 1 if smoke else fitted_epochs(s, "squad-dense", 2.0, lo=6, hi=14, slowdown=2.5, extra_s=120.0 if obs else 0.0)
-            if n is None:
-                return None
-            kw = {"num_epochs": float(n), "init_lr": init_lr}
-            if obs:
-                kw["update_frequency"] = obs_update_frequency(n * 0.5)
-            return ["train", "--task", "squad", "--seed", "42", "--model", w("squad-dense"), "--teacher", w("squad-dense"),
-                    "--split-by-article", "36:12", "--recipe", f"recipes/squad/{recipe}.yaml",
-                    "--recipe-args", json.dumps(kw)] + few
-        return args
-    jobs.append(Job("s9-squad-gmp-lr4e-4", squad("gmp80-block4-kd", 4e-4), deps=("squad-dense",)))
-    jobs.append(Job("s9-squad-obs-lr6e-4", squad("obs80-block4-kd", 6e-4), deps=("squad-dense",)))
-    # Queued for the next device session (not run yet). Issue 4: oBERT's LR trend on SQuAD had not turned at 6e-4
-    # (-3.02 / -2.65 / -2.34 F1 at 2e-4 / 4e-4 / 6e-4): 8e-4. Issue 3: three of the four
-    # seed curves peaked at epochs 5-6 and fell 0.9-1.4 points by epoch 9, so a 6-epoch run
-    # (pruning to epoch 3, recovery 3) at seeds 42 and 1; and the other direction, a gentler prune: 12 epochs,
-    # pruning to epoch 6 (SparseML's BERT recipes prune over ~10 of ~30 epochs; 12 is what fits ~36 s an epoch
-    # with four runs sharing the GPU after a ~90 s teacher in a 555 s call).
-    # (after the SST-2 teacher too: in session 9 the SQuAD students sharing the GPU stretched the teacher from
-    # 72 s to 112 s, and the students' epochs are sized from the teacher's epoch time)
-    jobs.append(Job("s10-squad-obs-lr8e-4", squad("obs80-block4-kd", 8e-4), deps=("squad-dense", "sst2b128-dense")))
-
-    def short_gmp(seed: int):
-        def args(s: Scheduler):
-            kw = dict(num_epochs=1.0 if smoke else 6.0, prune_end=0.5 if smoke else 3.0, **best)
-            return ["train", "--seed", str(seed)] + b128 + [
-                "--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"),
-                "--recipe", "recipes/glue/gmp80-block4-kd.yaml", "--recipe-args", json.dumps(kw)] + few
-        return args
-    jobs += [Job(f"s10-gmp-6ep-seed{seed}", short_gmp(seed), deps=("sst2b128-dense",)) for seed in (42, 1)]
-    long_kw = dict(num_epochs=1.0 if smoke else 12.0, prune_end=0.5 if smoke else 6.0, **best)
-    jobs.append(Job("s10-gmp-12ep", ["train", "--seed", "42"] + b128 + [
-        "--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe", "recipes/glue/gmp80-block4-kd.yaml",
-        "--recipe-args", json.dumps(long_kw)] + few, deps=("sst2b128-dense",)))
+        return Job(name, args, deps=("sst2b128-dense",))
+    jobs += [gmp(f"s9-gmp-seed{seed}", seed, 9, 4.5, must_fit=True) for seed in (1, 2, 3)]
+    jobs.append(Job("s9-squad-gmp-lr4e-4", squad_student(w, few, smoke, "gmp80-block4-kd", 4e-4, lo=6), deps=("squad-dense",)))
+    jobs.append(Job("s9-squad-obs-lr6e-4", squad_student(w, few, smoke, "obs80-block4-kd", 6e-4, lo=6), deps=("squad-dense",)))
+    # Queued for the next device session (not run yet).
+    # Issue 3: three of the four seed curves peaked at epochs 5-6 and fell 0.9-1.4 points by epoch 9, so a
+    # 6-epoch run (pruning to epoch 3, recovery 3) at seeds 42 and 1; and the other direction, a gentler
+    # prune: 12 epochs, pruning to epoch 6 (SparseML's BERT recipes prune over ~10 of ~30 epochs; 12 is what
+    # fits ~36 s an epoch with four runs sharing the GPU after a ~90 s teacher in a 555 s call).
+    jobs += [gmp(f"s10-gmp-6ep-seed{seed}", seed, 6, 3.0) for seed in (42, 1)]
+    jobs.append(gmp("s10-gmp-12ep", 42, 12, 6.0))
+    # Issue 4: oBERT's LR trend on SQuAD had not turned at 6e-4 (-3.02 / -2.65 / -2.34 F1 at 2e-4 / 4e-4 /
+    # 6e-4): 8e-4. It waits for the SST-2 teacher too: in session 9 the SQuAD students sharing the GPU
+    # stretched the teacher from 72 s to 112 s, and the students' epochs are sized from its epoch time.
+    jobs.append(Job("s10-squad-obs-lr8e-4", squad_student(w, few, smoke, "obs80-block4-kd", 8e-4, lo=6),
+                    deps=("squad-dense", "sst2b128-dense")))
     return jobs
-
 
 def long_jobs(w: Callable[[str], str], few: list[str], smoke: bool) -> list[Job]:
     """Session 4 (issues 3 and 4): the students again with as many epochs as the GPU leaves, run as
