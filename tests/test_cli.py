@@ -1,6 +1,7 @@
 """End-to-end: ``sparsebert train/evaluate/sparsity`` through the CLI on a tiny model and real SST-2 rows."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from sparsebert.cli import app
 from tests_helpers import tiny_config
 
 runner = CliRunner()
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 QA_RECIPE = """
 pruning_modifiers:
@@ -194,3 +196,15 @@ def test_mixed_precision_keeps_masks_and_kd(tiny_dir, tmp_path, shared_data, pre
     saved = BertForSequenceClassification.from_pretrained(out)
     w = saved.bert.encoder.layer[0].intermediate.dense.weight
     assert w.dtype == torch.float32 and (w == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+
+
+def test_shipped_layerwise_recipe_trains_through_cli(tiny_dir, tmp_path, shared_data):
+    """Per-layer distillation's forward hooks work inside the Trainer loop (student and teacher)."""
+    out = tmp_path / "layerwise"
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--teacher", tiny_dir, "--max-train-samples", 64,
+                          "--max-eval-samples", 16, "--batch-size", 16, "--logging-steps", 1, "--recipe",
+                          RECIPES / "glue/gmp80-block4-kd-layerwise.yaml", "--recipe-args", '{"num_epochs": 1.0}', "--output-dir", out)
+    assert code == 0, output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["encoder_sparsity"] == pytest.approx(0.8, abs=0.005)
+    assert "PerLayerDistillationModifier" in (out / "recipe.yaml").read_text()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .modifiers import DistillationModifier, GradualPruningModifier, MovementPruningModifier
+from .modifiers import DistillationModifier, GradualPruningModifier, MovementPruningModifier, PerLayerDistillationModifier
 from .recipe import Recipe, load_recipe
 from .session import RecipeSession
 from .tasks import DataArgs
@@ -111,7 +111,7 @@ def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_cal
     if not isinstance(recipe, list):
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         # nothing trains, so a training recipe's distillation needs no teacher: drop it
-        recipe = [m for m in recipe.modifiers if not isinstance(m, DistillationModifier)]
+        recipe = [m for m in recipe.modifiers if not isinstance(m, (DistillationModifier, PerLayerDistillationModifier))]
     session = RecipeSession(recipe, model)
     pruners = [m for m in session.modifiers if isinstance(m, GradualPruningModifier)]
     if not pruners:

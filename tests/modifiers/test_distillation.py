@@ -38,3 +38,106 @@ def test_distillation_modifier_combines_losses(tiny_model):
     got = session.modify_loss(out.loss, out, x)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# -- per-layer (feature) distillation ---------------------------------------------------------
+
+from sparsebert.modifiers import feature_distance  # noqa: E402
+from sparsebert.recipe.errors import RecipeError  # noqa: E402
+
+LAYERS = "student_layer_names: ['re:bert.encoder.layer.\\d+']"
+
+
+def _per_layer_recipe(body: str, kd: bool = False) -> str:
+    text = "modifiers:\n  - !PerLayerDistillationModifier\n" + "".join(f"    {line}\n" for line in body.splitlines())
+    if kd:
+        text += "  - !DistillationModifier\n    hardness: 1.0\n    temperature: 2.0\n"
+    return text
+
+
+def test_feature_distance_hand_computed():
+    s = torch.tensor([[[1.0, 2.0], [5.0, 5.0]]])  # [B=1, L=2, H=2]
+    t = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 0]])  # the second token is padding
+    # real token only: mse = (0 + 4) / 2 = 2; teacher energy = (1 + 0) / 2 = 0.5
+    assert feature_distance(s, t, mask, normalize=False).item() == pytest.approx(2.0)
+    assert feature_distance(s, t, mask, normalize=True, epsilon=0.0).item() == pytest.approx(4.0)
+    # all tokens: mse = (0 + 4 + 25 + 25) / 4
+    assert feature_distance(s, t, None, normalize=False).item() == pytest.approx(13.5)
+    assert feature_distance(t, t, mask).item() == 0.0
+    with pytest.raises(ValueError, match="differ"):
+        feature_distance(s, t[:, :1], None)
+
+
+def test_per_layer_distillation_adds_normalized_hidden_state_mse(tiny_model):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(4)
+    teacher = BertForSequenceClassification(tiny_model.config)
+    session = RecipeSession(_per_layer_recipe(f"gain: 0.5\n{LAYERS}"), tiny_model, teacher=teacher)
+    session.start(10)
+    tiny_model.eval()  # no dropout, so the reference forward below sees the same hidden states
+    x = {"input_ids": torch.randint(0, 120, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long), "labels": torch.tensor([0, 1, 1])}
+    x["attention_mask"][0, 5:] = 0
+    out = tiny_model(**x)
+    with torch.no_grad():
+        hs_s = tiny_model(**x, output_hidden_states=True).hidden_states
+        hs_t = teacher(input_ids=x["input_ids"], attention_mask=x["attention_mask"], output_hidden_states=True).hidden_states
+    n_layers = tiny_model.config.num_hidden_layers
+    expected = out.loss + 0.5 * sum(feature_distance(hs_s[i + 1], hs_t[i + 1], x["attention_mask"]) for i in range(n_layers))
+    got = session.modify_loss(out.loss, out, x)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() > out.loss.item()  # random teacher != student: the term is not zero
+    got.backward()  # the term reaches the student's encoder weights
+    assert tiny_model.bert.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0
+
+
+def test_per_layer_distillation_is_zero_for_an_identical_teacher_and_off_outside_its_epochs(tiny_model):
+    import copy
+
+    teacher = copy.deepcopy(tiny_model)
+    session = RecipeSession(_per_layer_recipe(f"gain: 2.0\nstart_epoch: 1.0\n{LAYERS}"), tiny_model, teacher=teacher)
+    session.start(10)
+    tiny_model.eval()  # no dropout: the student's layers equal the teacher's
+    x = {"input_ids": torch.randint(0, 120, (2, 6)), "labels": torch.tensor([0, 1])}
+    out = tiny_model(**x)
+    assert session.modify_loss(out.loss, out, x).item() == out.loss.item()  # epoch 0 < start_epoch
+    session.update(10)  # epoch 1.0
+    out = tiny_model(**x)
+    assert session.modify_loss(out.loss, out, x).item() == pytest.approx(out.loss.item(), abs=1e-6)
+
+
+def test_teacher_runs_once_per_batch_with_two_distillation_modifiers(tiny_model):
+    from transformers import BertForSequenceClassification
+
+    teacher = BertForSequenceClassification(tiny_model.config)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    session = RecipeSession(_per_layer_recipe(LAYERS, kd=True), tiny_model, teacher=teacher)
+    session.start(10)
+    for _ in range(2):
+        x = {"input_ids": torch.randint(0, 120, (2, 6)), "labels": torch.tensor([0, 1])}
+        out = tiny_model(**x)
+        session.modify_loss(out.loss, out, x)
+    assert len(calls) == 2
+
+
+def test_per_layer_distillation_errors_name_the_key_and_value(tiny_model):
+    from transformers import BertForSequenceClassification
+
+    teacher = BertForSequenceClassification(tiny_model.config)
+    with pytest.raises(RecipeError, match=r"student_layer_names.*bert\.encoder\.layer\.9"):
+        RecipeSession(_per_layer_recipe("student_layer_names: [bert.encoder.layer.9]"), tiny_model, teacher=teacher).start(10)
+    with pytest.raises(RecipeError, match="no teacher"):
+        RecipeSession(_per_layer_recipe(LAYERS), tiny_model)
+    with pytest.raises(RecipeError, match="has 1 names but teacher_layer_names has 2"):
+        RecipeSession(_per_layer_recipe("student_layer_names: [bert.encoder.layer.0]\n"
+                                        "teacher_layer_names: [bert.encoder.layer.0, bert.encoder.layer.1]"), tiny_model, teacher=teacher)
+    # outputs of different shapes: a projection would be needed
+    session = RecipeSession(_per_layer_recipe("student_layer_names: [bert.encoder.layer.0.intermediate]\n"
+                                              "teacher_layer_names: [bert.encoder.layer.0.output]"), tiny_model, teacher=teacher)
+    session.start(10)
+    x = {"input_ids": torch.randint(0, 120, (2, 6)), "labels": torch.tensor([0, 1])}
+    out = tiny_model(**x)
+    with pytest.raises(RecipeError, match="project_features"):
+        session.modify_loss(out.loss, out, x)

@@ -2,6 +2,7 @@
 
 from .base import Modifier, ModifierState
 from .distillation import DistillationModifier, kd_loss
+from .per_layer_distillation import PerLayerDistillationModifier, feature_distance
 from .pruning import (
     ConstantPruningModifier,
     GMPruningModifier,
@@ -28,6 +29,8 @@ __all__ = [
     "LayerPruningModifier",
     "DistillationModifier",
     "kd_loss",
+    "PerLayerDistillationModifier",
+    "feature_distance",
     "QuantizationModifier",
     "EpochRangeModifier",
     "LearningRateFunctionModifier",

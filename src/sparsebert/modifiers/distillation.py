@@ -17,7 +17,7 @@ from pydantic import field_validator
 
 from .base import Modifier, ModifierState
 
-__all__ = ["DistillationModifier", "kd_loss"]
+__all__ = ["DistillationModifier", "kd_loss", "teacher_forward"]
 
 # batch keys that carry targets, not inputs: the teacher must not see them
 _TARGET_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label")
@@ -54,6 +54,24 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ma
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def teacher_forward(state: ModifierState, inputs: dict, input_keys: list[str] | None = None) -> Any:
+    """The teacher's outputs for this batch, computed once per batch (no grad).
+
+    Every distillation modifier of a recipe calls this with the same ``inputs`` dict in one
+    training step; the first call runs the teacher, the others reuse its outputs (and the layer
+    outputs the teacher's forward hooks captured). ``input_keys`` (SparseML's
+    ``teacher_input_keys``) picks the inputs the teacher sees; default: all but the targets.
+    """
+    cached = state.teacher_cache
+    if cached is not None and cached[0] is inputs:
+        return cached[1]
+    keys = input_keys or [k for k in inputs if k not in _TARGET_KEYS]
+    with torch.no_grad():
+        out = state.teacher(**{k: inputs[k] for k in keys})
+    state.teacher_cache = (inputs, out)
+    return out
 
 
 def _scored_positions(logits: torch.Tensor, inputs: dict) -> torch.Tensor | None:
@@ -106,9 +124,7 @@ class DistillationModifier(Modifier):
         """``(1 - hardness) * loss + hardness * mean_k kd_loss(student[k], teacher[k])``."""
         if not self.active(state.epoch):
             return loss
-        keys = self.teacher_input_keys or [k for k in inputs if k not in _TARGET_KEYS]
-        with torch.no_grad():
-            teacher_out = state.teacher(**{k: inputs[k] for k in keys})
+        teacher_out = teacher_forward(state, inputs, self.teacher_input_keys)
         terms = []
         for key in self.distill_output_keys:
             if key not in outputs or key not in teacher_out:

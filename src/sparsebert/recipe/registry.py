@@ -21,5 +21,6 @@ MODIFIERS: dict[str, type[m.Modifier]] = {
     "ConstantPruningModifier": m.ConstantPruningModifier,
     "LayerPruningModifier": m.LayerPruningModifier,
     "DistillationModifier": m.DistillationModifier,
+    "PerLayerDistillationModifier": m.PerLayerDistillationModifier,
     "QuantizationModifier": m.QuantizationModifier,
 }
