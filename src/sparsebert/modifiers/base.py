@@ -44,7 +44,7 @@ class ModifierState:
             training batches, runs forward + backward on the model (zeroing grads first) and
             yields with ``.grad`` filled; set by the trainer integration (second-order pruning
             samples its empirical Fisher with it). ``None`` when unavailable.
-        teacher_cache: ``(inputs, outputs)`` of the teacher's last forward, so that two
+        teacher_cache: ``(inputs, input_keys, outputs)`` of the teacher's last forward, so that two
             distillation modifiers in one recipe run the teacher once per batch
             (see :func:`~sparsebert.modifiers.distillation.teacher_forward`).
     """

@@ -64,13 +64,13 @@ def teacher_forward(state: ModifierState, inputs: dict, input_keys: list[str] | 
     outputs the teacher's forward hooks captured). ``input_keys`` (SparseML's
     ``teacher_input_keys``) picks the inputs the teacher sees; default: all but the targets.
     """
+    keys = list(input_keys or [k for k in inputs if k not in _TARGET_KEYS])
     cached = state.teacher_cache
-    if cached is not None and cached[0] is inputs:
-        return cached[1]
-    keys = input_keys or [k for k in inputs if k not in _TARGET_KEYS]
+    if cached is not None and cached[0] is inputs and cached[1] == keys:
+        return cached[2]
     with torch.no_grad():
         out = state.teacher(**{k: inputs[k] for k in keys})
-    state.teacher_cache = (inputs, out)
+    state.teacher_cache = (inputs, keys, out)
     return out
 
 

@@ -1,0 +1,87 @@
+"""Does per-layer (hidden-state) distillation help the GMP 80% block4 student? A paired CPU run.
+
+The GMP + KD students on a GPU fit the teacher's training-set logits almost exactly (KD loss 0.03 by
+epoch 9) while their dev accuracy falls over the last recovery epochs. Per-layer distillation gives
+each example a richer target (every encoder layer's output), the usual remedy for a student that
+over-fits the teacher's logits (TinyBERT, CoFi). Two students, identical but for that term, from the
+same CPU teacher (``runs/sst2-dense``, the main job's (a)) on the same train subset and seed:
+
+  logits KD           recipes/glue/gmp80-block4-kd.yaml            (session 7's best GMP overrides)
+  + per-layer KD      recipes/glue/gmp80-block4-kd-layerwise.yaml  (same overrides, layer_gain)
+
+Finished runs (metrics.json present) are reused. Writes the table and per-epoch dev curves into
+BENCHMARKS.md between this benchmark's markers.
+
+    python benchmarks/sst2_layerwise.py --train-samples 16000 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from _report import ROOT, run_logged, write_section
+
+
+def dev_curve(out: Path) -> list[float]:
+    """Dev accuracy (%) at each epoch end, from the run's ``train_log.jsonl``."""
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [100 * r["eval_validation_accuracy"] for r in rows if "eval_validation_accuracy" in r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-samples", type=int, default=16000)
+    ap.add_argument("--epochs", type=float, default=6.0)
+    ap.add_argument("--layer-gain", type=float, default=1.0)
+    ap.add_argument("--runs-dir", default="runs/s10")
+    ap.add_argument("--teacher", default="runs/sst2-dense")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--output", default="BENCHMARKS.md")
+    args = ap.parse_args()
+    runs = Path(args.runs_dir)
+    (ROOT / "runs" / "logs").mkdir(parents=True, exist_ok=True)
+    best = {"num_epochs": args.epochs, "prune_end": args.epochs / 2, "init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True}
+    base = ["sparsebert", "train", "--task", "sst2", "--max-train-samples", str(args.train_samples), "--seed", str(args.seed),
+            "--logging-steps", "25", "--eval-each-epoch", "--batch-size", "128", "--model", args.teacher, "--teacher", args.teacher]
+    plan = [
+        ("GMP 80% block4 + KD (logits)", runs / "gmp-logits", "recipes/glue/gmp80-block4-kd.yaml", best),
+        (f"GMP 80% block4 + KD (logits) + per-layer KD, gain {args.layer_gain:g}", runs / "gmp-layerwise",
+         "recipes/glue/gmp80-block4-kd-layerwise.yaml", {**best, "layer_gain": args.layer_gain}),
+    ]
+    rows = []
+    for label, out, recipe, kw in plan:
+        cmd = base + ["--recipe", recipe, "--recipe-args", json.dumps(kw), "--output-dir", str(out)]
+        if not (ROOT / out / "metrics.json").is_file():
+            run_logged(cmd + (["--overwrite"] if (ROOT / out).exists() else []), ROOT / "runs" / "logs" / f"s10-{out.name}.log")
+        rows.append((label, json.loads((ROOT / out / "metrics.json").read_text()), dev_curve(ROOT / out), shlex.join(cmd)))
+
+    teacher = json.loads((ROOT / args.teacher / "metrics.json").read_text())["validation"]["accuracy"] * 100
+    lines = [
+        f"SST-2, train subset {args.train_samples} of 67,349 (seeded, the teacher's subset), full dev (872), seq 128, batch 128, "
+        f"seed {args.seed}, 2 CPU cores, one run at a time. Teacher and starting point: (a) of the main job (`{args.teacher}`, "
+        f"{teacher:.2f}). Both students: 80% block4, global ranking, cubic pruning to epoch {args.epochs / 2:g} of {args.epochs:g}, "
+        "init_lr 4e-4 linear to 0, logits KD at T 5.5 (hardness 1.0); the second adds the per-layer term "
+        "(normalized MSE of each encoder layer's output, summed over the 6 layers, times the gain).",
+        "",
+        "| run | dev | Δ vs (a) | encoder Linear sparsity | epochs | train wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, m, _, _ in rows:
+        acc = 100 * m["validation"]["accuracy"]
+        lines.append(f"| {label} | {acc:.2f} | {acc - teacher:+.2f} | {100 * m['encoder_sparsity']:.2f}% | {m['epochs']:g} | "
+                     f"{m['train_wall_seconds'] / 60:.1f} min |")
+    lines += ["", "Dev accuracy at each epoch end: " + "; ".join(f"{label}: " + ", ".join(f"{a:.2f}" for a in curve)
+                                                            for label, _, curve, _ in rows)]
+    lines += ["", "```"] + [c for _, _, _, c in rows] + ["```",
+              f"Reproduce: `python benchmarks/sst2_layerwise.py --train-samples {args.train_samples} --epochs {args.epochs:g} "
+              f"--layer-gain {args.layer_gain:g}`"]
+    print(write_section(ROOT / args.output, "sst2_layerwise", "SST-2 on a CPU: per-layer distillation for the GMP student (session 10)",
+                        "\n".join(lines)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
