@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--teacher", default="runs/sst2-dense")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--output", default="BENCHMARKS.md")
+    ap.add_argument("--section", default="sst2_layerwise", help="BENCHMARKS.md marker name (one per configuration)")
     args = ap.parse_args()
     runs = Path(args.runs_dir)
     (ROOT / "runs" / "logs").mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def main() -> None:
     for label, out, recipe, kw in plan:
         cmd = base + ["--recipe", recipe, "--recipe-args", json.dumps(kw), "--output-dir", str(out)]
         if not (ROOT / out / "metrics.json").is_file():
-            run_logged(cmd + (["--overwrite"] if (ROOT / out).exists() else []), ROOT / "runs" / "logs" / f"s10-{out.name}.log")
+            run_logged(cmd + (["--overwrite"] if (ROOT / out).exists() else []), ROOT / "runs" / "logs" / f"{runs.name}-{out.name}.log")
         rows.append((label, json.loads((ROOT / out / "metrics.json").read_text()), dev_curve(ROOT / out), shlex.join(cmd)))
 
     teacher = json.loads((ROOT / args.teacher / "metrics.json").read_text())["validation"]["accuracy"] * 100
@@ -78,8 +79,8 @@ def main() -> None:
                                                             for label, _, curve, _ in rows)]
     lines += ["", "```"] + [c for _, _, _, c in rows] + ["```",
               f"Reproduce: `python benchmarks/sst2_layerwise.py --train-samples {args.train_samples} --epochs {args.epochs:g} "
-              f"--layer-gain {args.layer_gain:g}`"]
-    print(write_section(ROOT / args.output, "sst2_layerwise", "SST-2 on a CPU: per-layer distillation for the GMP student (session 10)",
+              f"--layer-gain {args.layer_gain:g} --seed {args.seed} --runs-dir {args.runs_dir} --section {args.section}`"]
+    print(write_section(ROOT / args.output, args.section, "SST-2 on a CPU: per-layer distillation for the GMP student (session 10)",
                         "\n".join(lines)))
 
 
