@@ -356,11 +356,14 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     # stretched the teacher from 72 s to 112 s, and the students' epochs are sized from its epoch time.
     jobs.append(Job("s10-squad-obs-lr8e-4", squad_student(w, few, smoke, "obs80-block4-kd", 8e-4, lo=6),
                     deps=("squad-dense", "sst2b128-dense")))
-    # Per-layer distillation (PerLayerDistillationModifier, added in session 10): the GMP students fit the
+    # Next in line (session 10): per-layer distillation (PerLayerDistillationModifier). The GMP students fit the
     # teacher's training logits almost exactly (KD loss 0.03 by epoch 9) while dev accuracy falls late; every
-    # encoder layer's output as a target is more signal per example. SST-2: session 7/9's best student
-    # + the per-layer term at seeds 42 and 1 (paired with 87.61 and 86.58). SQuAD: GMP at 4e-4 (s9: -6.83 F1)
-    # and oBERT at 6e-4 (s9: -2.34 F1) + the per-layer term.
+    # encoder layer's output as a target is more signal per example. On the CPU (16k sentences, paired runs,
+    # BENCHMARKS "per-layer distillation for the GMP student") it added 1.6 points at seed 42 and removed the
+    # late fall. Run as: --only sst2b128-dense squad-dense s10-gmp-layerwise-seed42 s10-gmp-layerwise-seed1
+    # s10-squad-gmp-layerwise s10-squad-obs-layerwise. SST-2: session 7/9's best student + the per-layer term
+    # at seeds 42 and 1 (paired with 87.61 and 86.58). SQuAD: GMP at 4e-4 (s9: -6.83 F1) and oBERT at 6e-4
+    # (s9: -2.34 F1) + the per-layer term.
     jobs += [gmp(f"s10-gmp-layerwise-seed{seed}", seed, 9, 4.5, must_fit=True, recipe="gmp80-block4-kd-layerwise",
                  extra={"layer_gain": 1.0}) for seed in (42, 1)]
     jobs.append(Job("s10-squad-gmp-layerwise", squad_student(w, few, smoke, "gmp80-block4-kd-layerwise", 4e-4, lo=6),
