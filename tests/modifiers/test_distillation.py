@@ -45,7 +45,7 @@ def test_distillation_modifier_combines_losses(tiny_model):
 from sparsebert.modifiers import feature_distance  # noqa: E402
 from sparsebert.recipe.errors import RecipeError  # noqa: E402
 
-LAYERS = "student_layer_names: ['re:bert.encoder.layer.\\d+']"
+LAYERS = "student_layer_names: ['re:bert.encoder.layer.\\d+$']"
 
 
 def _per_layer_recipe(body: str, kd: bool = False) -> str:

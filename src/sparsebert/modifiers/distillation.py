@@ -17,7 +17,7 @@ from pydantic import field_validator
 
 from .base import Modifier, ModifierState
 
-__all__ = ["DistillationModifier", "kd_loss", "teacher_forward"]
+__all__ = ["DistillationModifier", "freeze_teacher", "kd_loss", "teacher_forward"]
 
 # batch keys that carry targets, not inputs: the teacher must not see them
 _TARGET_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label")
@@ -54,6 +54,19 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ma
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def freeze_teacher(modifier: Modifier, state: ModifierState) -> None:
+    """Check that ``state.teacher`` exists, put it in eval mode and freeze its parameters.
+
+    Raises:
+        RecipeError: no teacher was given (named after ``modifier``'s file and position).
+    """
+    if state.teacher is None:
+        raise modifier.error("the recipe distills but no teacher was given (--teacher, or teacher= in code)")
+    state.teacher.eval()
+    for p in state.teacher.parameters():
+        p.requires_grad_(False)
 
 
 def teacher_forward(state: ModifierState, inputs: dict, input_keys: list[str] | None = None) -> Any:
@@ -113,12 +126,8 @@ class DistillationModifier(Modifier):
         return v
 
     def apply_structure(self, state: ModifierState) -> None:
-        """A teacher must be present."""
-        if state.teacher is None:
-            raise self.error("the recipe distills but no teacher was given (--teacher, or teacher= in code)")
-        state.teacher.eval()
-        for p in state.teacher.parameters():
-            p.requires_grad_(False)
+        """A teacher must be present (it is frozen and put in eval mode)."""
+        freeze_teacher(self, state)
 
     def modify_loss(self, state: ModifierState, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
         """``(1 - hardness) * loss + hardness * mean_k kd_loss(student[k], teacher[k])``."""

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-__all__ = ["ALL_PRUNABLE", "ALL", "prunable_param_names", "resolve_params"]
+__all__ = ["ALL_PRUNABLE", "ALL", "prunable_param_names", "match_names", "resolve_params"]
 
 ALL_PRUNABLE = "__ALL_PRUNABLE__"
 ALL = "__ALL__"
@@ -19,6 +19,34 @@ def prunable_param_names(model: torch.nn.Module) -> list[str]:
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
             names.append(f"{mod_name}.weight" if mod_name else "weight")
     return names
+
+
+def match_names(names: list[str], pattern: str, error, key: str, kind: str = "parameter") -> list[str]:
+    """The ``names`` (in their order) that ``pattern`` selects: the exact name, or ``re:<regex>``
+    (``re.match`` against the full name, as SparseML's recipes do; end it with ``$`` to anchor).
+
+    Args:
+        names: candidate names (parameter or module names, in model order).
+        pattern: a name or ``re:<regex>``.
+        error: ``callable(message, key, value) -> Exception`` (a modifier's ``error``).
+        key: the recipe key the pattern came from, for the error.
+        kind: what the names are ("parameter", "module"), for the error.
+
+    Raises:
+        whatever ``error`` builds: an invalid regex, or a pattern that matches none of ``names``.
+    """
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as e:
+            raise error(f"invalid regex: {e}", key, pattern) from None
+        hits = [n for n in names if rx.match(n)]
+    else:
+        hits = [pattern] if pattern in names else []
+    if not hits:
+        sample = ", ".join(names[:4])
+        raise error(f"matches no {kind} of the model (names look like: {sample}, ...)", key, pattern)
+    return hits
 
 
 def resolve_params(model: torch.nn.Module, patterns: str | list[str], error) -> dict[str, torch.nn.Parameter]:
@@ -46,16 +74,9 @@ def resolve_params(model: torch.nn.Module, patterns: str | list[str], error) -> 
             hits = [n for n in prunable_param_names(model) if n in named]
         elif pattern == ALL:
             hits = list(named)
-        elif pattern.startswith("re:"):
-            try:
-                rx = re.compile(pattern[3:])
-            except re.error as e:
-                raise error(f"invalid regex: {e}", "params", pattern) from None
-            hits = [n for n in named if rx.match(n)]
         else:
-            hits = [pattern] if pattern in named else []
-        if not hits:
-            sample = ", ".join(list(named)[:4])
-            raise error(f"matches no parameter of the model (names look like: {sample}, ...)", "params", pattern)
+            hits = match_names(list(named), pattern, error, "params")
+        if not hits:  # __ALL_PRUNABLE__ / __ALL__ on a model without such parameters
+            raise error("matches no parameter of the model", "params", pattern)
         chosen.update(hits)
     return {n: p for n, p in named.items() if n in chosen}

@@ -13,14 +13,14 @@ the padding, whose hidden states carry no signal and whose number changes with d
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from .base import Modifier, ModifierState
-from .distillation import teacher_forward
+from .distillation import freeze_teacher, teacher_forward
+from .params import match_names
 
 __all__ = ["PerLayerDistillationModifier", "feature_distance"]
 
@@ -65,8 +65,8 @@ class PerLayerDistillationModifier(Modifier):
 
     Keys (SparseML's): ``gain`` (weight of the term, added to the task/KD loss), ``normalize``,
     ``epsilon``, ``student_layer_names`` and ``teacher_layer_names`` (module names as in
-    ``model.named_modules()``, or ``re:`` patterns; equal length, paired in order; one list alone
-    is used for both), ``project_features``, ``update_frequency`` (accepted).
+    ``model.named_modules()``, or ``re:`` patterns, matched from the start as in ``params``, so
+    end them with ``$``; equal length, paired in order; one list alone is used for both), ``project_features``, ``update_frequency`` (accepted).
 
     Outputs are captured with forward hooks while the modifier is active; the teacher runs once
     per batch even when a :class:`DistillationModifier` also distills its logits.
@@ -110,27 +110,16 @@ class PerLayerDistillationModifier(Modifier):
 
     # -- setup -----------------------------------------------------------------------------
     def _resolve(self, model: torch.nn.Module, names: list[str], key: str) -> list[str]:
-        """Module names for ``names`` (exact names or ``re:`` patterns, in model order)."""
+        """Module names for ``names`` (exact names or ``re:`` patterns), pattern by pattern, each in model order."""
         modules = [n for n, _ in model.named_modules() if n]
         found: list[str] = []
         for name in names:
-            if name.startswith("re:"):
-                pattern = re.compile(name[3:])
-                hits = [n for n in modules if pattern.fullmatch(n)]
-            else:
-                hits = [name] if name in modules else []
-            if not hits:
-                raise self.error("matches no module of the model", key, name)
-            found += [h for h in hits if h not in found]
+            found += [h for h in match_names(modules, name, self.error, key, "module") if h not in found]
         return found
 
     def apply_structure(self, state: ModifierState) -> None:
         """A teacher must be present (it is frozen and put in eval mode)."""
-        if state.teacher is None:
-            raise self.error("the recipe distills but no teacher was given (--teacher, or teacher= in code)")
-        state.teacher.eval()
-        for p in state.teacher.parameters():
-            p.requires_grad_(False)
+        freeze_teacher(self, state)
 
     def initialize(self, state: ModifierState) -> None:
         """Resolve the layer names (after structural changes such as dropped layers) and hook them."""
