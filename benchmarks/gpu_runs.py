@@ -376,6 +376,9 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     # -2.34 F1 without the term), started as soon as squad-dense is done, as in session 9.
     jobs += [gmp(f"s10-gmp-layerwise-seed{seed}", seed, 9, 4.5, recipe="gmp80-block4-kd-layerwise",
                  extra={"layer_gain": 1.0}) for seed in (42, 1, 2, 3)]
+    # Session 11's second, short call (~4 min of device time left): the per-layer term on the 3-epoch schedule
+    # (pruning to 1.5) at seed 42, paired with session 5's short-gmp-lr4e-4-t5.5-global (86.24 without it).
+    jobs.append(gmp("s11-short-layerwise-seed42", 42, 3, 1.5, recipe="gmp80-block4-kd-layerwise", extra={"layer_gain": 1.0}))
     jobs.append(Job("s10-squad-gmp-layerwise", squad_student(w, few, smoke, "gmp80-block4-kd-layerwise", 4e-4, lo=6, epochs=12),
                     deps=("squad-dense",)))
     jobs.append(Job("s10-squad-obs-layerwise", squad_student(w, few, smoke, "obs80-block4-kd-layerwise", 6e-4, lo=6, epochs=8),
