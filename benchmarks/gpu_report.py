@@ -5,6 +5,7 @@
     python benchmarks/gpu_report.py S5/summary.json --sweep --device ... --command C
     python benchmarks/gpu_report.py S7/summary.json --next S7_CALL2_DIR --device ... --command C1 --command C2
     python benchmarks/gpu_report.py S7/summary.json S9/summary.json --seeds S9_CALL2_DIR --device ... --command C1 --command C2
+    python benchmarks/gpu_report.py S7/summary.json S9/summary.json S11/summary.json --layerwise S9_CALL2_DIR --device ... --command C
 """
 
 from __future__ import annotations
@@ -321,6 +322,69 @@ def report_seeds(runs: dict, curves: dict, device: str, commands: list[str]) -> 
                   "\n".join(body))
 
 
+def report_layerwise(runs: dict, curves: dict, device: str, commands: list[str]) -> None:
+    """Write the session-11 section (issues 3 and 4: per-layer distillation added to session 9's students, paired by
+    seed and schedule): ``gpu_layerwise``. ``runs``/``curves`` hold session 7's call 1 (seed 42's baseline), session
+    9's calls 1 and 2 (:func:`runs_from_logs`) and session 11's call. Session 11's SST-2 students were killed at the
+    deadline after epoch 7 of 9, so the SST-2 comparison is per epoch end, over the epochs both sides reached."""
+    import statistics
+
+    acc = lambda v: 100 * v["accuracy"]  # noqa: E731
+    ref = _ref(runs, "sst2b128-dense", acc)
+    pairs = [(42, "next-gmp-lr4e-4-t5.5-global"), (1, "s9-gmp-seed1"), (2, "s9-gmp-seed2"), (3, "s9-gmp-seed3")]
+    base = {seed: [100 * a for a in curves.get(n, [])] for seed, n in pairs}
+    lw = {seed: [100 * a for a in curves.get(f"s10-gmp-layerwise-seed{seed}", [])] for seed, _ in pairs}
+    n_ep = min(len(c) for c in [*base.values(), *lw.values()])
+    if n_ep == 0:
+        raise SystemExit("gpu_report: no per-epoch evals for the per-layer students (is results.tar.gz beside the summary?)")
+    rows = []
+    for seed, name in pairs:
+        b, l = base[seed][:n_ep], lw[seed][:n_ep]
+        final = runs.get(name, {}).get("metrics")
+        rows.append(f"| {seed} | {', '.join(f'{x:.2f}' for x in b)} | {', '.join(f'{x:.2f}' for x in l)} "
+                    f"| {l[-1] - b[-1]:+.2f} | {acc(final['validation']):.2f} | "
+                    f"{runs.get(f's10-gmp-layerwise-seed{seed}', {}).get('status', 'not run')} |")
+    mean_b = [statistics.mean(base[s][e] for s in base) for e in range(n_ep)]
+    mean_l = [statistics.mean(lw[s][e] for s in lw) for e in range(n_ep)]
+    last_l = [lw[s][n_ep - 1] for s in lw]
+    final_b = [acc(runs[n]["metrics"]["validation"]) for _, n in pairs]
+    body = [_where(device, commands[:1]) + " Seed 42's baseline is session 7's run, seeds 1-3 session 9's call 2 "
+            "(`gpu_seeds` above); the teacher reads 88.99 again (same command, every session).", "",
+            "SST-2, full train set (67,349), full dev (872), batch 128. Every student: 80% block4 from (a), KD from it on the "
+            "logits (T 5.5, hardness 1.0), init_lr 4e-4, global_sparsity, 9 epochs, cubic pruning to epoch 4.5. The per-layer "
+            "students run `recipes/glue/gmp80-block4-kd-layerwise.yaml` (the same recipe + `PerLayerDistillationModifier`, "
+            "normalized MSE of each of the 6 encoder layers' outputs, gain 1.0). Only the per-layer term differs within a "
+            "pair (same teacher weights, seed, schedule and data order). **The four per-layer runs were killed at the "
+            f"deadline at epoch ~7.2 of 9** (6 runs shared the GPU: ~8.5 steps/s each), so there is no epoch-9 number for them; "
+            f"the table compares dev accuracy at each epoch end that both sides reached (1-{n_ep}), at the same LR.", "",
+            f"| seed | dev at epochs 1-{n_ep}, logits KD | dev at epochs 1-{n_ep}, + per-layer KD | Δ at epoch {n_ep} "
+            "| logits KD, epoch 9 (final) | per-layer run |", "|---|---|---|---|---|---|", *rows, "",
+            "| mean over the 4 seeds | " + " | ".join(f"epoch {e + 1}" for e in range(n_ep)) + " |",
+            "|---|" + "---|" * n_ep,
+            "| logits KD | " + " | ".join(f"{x:.2f}" for x in mean_b) + " |",
+            "| + per-layer KD | " + " | ".join(f"{x:.2f}" for x in mean_l) + " |",
+            "| Δ | " + " | ".join(f"{l - b:+.2f}" for b, l in zip(mean_b, mean_l)) + " |", "",
+            f"At epoch {n_ep} the per-layer students read {statistics.mean(last_l):.2f} +- {statistics.stdev(last_l):.2f} "
+            f"(mean +- std, 4 seeds), {statistics.mean(last_l) - ref:+.2f} vs (a) {ref:.2f}; the logits-KD students read "
+            f"{mean_b[-1]:.2f} at epoch {n_ep} and {statistics.mean(final_b):.2f} +- {statistics.stdev(final_b):.2f} at epoch 9 "
+            "(final).", "",
+            "SQuAD v1.1 (issue 4), same call, 36:12 article split (**training used dev articles**; scores on the 12 held-out "
+            "articles), KD on start/end logits (T 5.5) from this call's (a), with session 9's init_lr and epochs. Paired with "
+            "session 9's runs (`gpu_seeds`), which lack only the per-layer term; each Δ is against its own session's (a).", "",
+            SQUAD_HEAD,
+            _squad_row(runs, "squad-dense@call2", "(a) dense fine-tune, session 9", "squad-dense@call2"),
+            _squad_row(runs, "s9-squad-gmp-lr4e-4", "GMP 80% block4 + KD, init_lr 4e-4, 12 epochs (session 9)", "squad-dense@call2"),
+            _squad_row(runs, "s9-squad-obs-lr6e-4", "oBERT 80% block4 + KD, init_lr 6e-4, 8 epochs (session 9)", "squad-dense@call2"),
+            _squad_row(runs, "squad-dense@call3", "(a) dense fine-tune, session 11", "squad-dense@call3"),
+            _squad_row(runs, "s10-squad-gmp-layerwise", "GMP + per-layer KD, init_lr 4e-4, 12 epochs", "squad-dense@call3"),
+            _squad_row(runs, "s10-squad-obs-layerwise", "oBERT + per-layer KD, init_lr 6e-4, 8 epochs", "squad-dense@call3"), "",
+            _commands(runs, ["sst2b128-dense", *(f"s10-gmp-layerwise-seed{s}" for s, _ in pairs), "squad-dense",
+                             "s10-squad-gmp-layerwise", "s10-squad-obs-layerwise"])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_layerwise",
+                  "SST-2 and SQuAD on a GPU: per-layer distillation, paired with the logits-KD students (session 11)",
+                  "\n".join(body))
+
+
 def epoch_curves(tarball: Path) -> dict[str, list[float]]:
     """Per-run list of ``eval_validation_accuracy`` values logged by ``--eval-each-epoch``."""
     import tarfile
@@ -347,6 +411,8 @@ if __name__ == "__main__":
     ap.add_argument("--next", type=Path, metavar="CALL2_DIR",
                     help="write the session-7 section; CALL2_DIR holds the hand-started runs (see runs_from_logs)")
     ap.add_argument("--seeds", type=Path, metavar="CALL2_DIR", help="write the session-9 section (as --next)")
+    ap.add_argument("--layerwise", type=Path, metavar="S9_CALL2_DIR",
+                    help="write the session-11 section: summaries of sessions 7, 9 and 11 in that order (as --seeds)")
     a = ap.parse_args()
     curves: dict[str, list[float]] = {}
     runs: dict = {}
@@ -356,11 +422,13 @@ if __name__ == "__main__":
         done = {k: v for k, v in json.loads(summary.read_text())["runs"].items() if v.get("status") != "skipped"}
         runs.update(done)  # by name: the latest call's run
         runs.update({f"{k}@call{i}": v for k, v in done.items()})  # by name and call
-    if a.seeds or a.next:  # a second call's hand-started runs
-        more, more_curves = runs_from_logs(a.seeds or a.next)
+    if a.seeds or a.next or a.layerwise:  # a second call's hand-started runs
+        more, more_curves = runs_from_logs(a.seeds or a.next or a.layerwise)
         runs.update(more)
         curves.update(more_curves)
-    if a.seeds:
+    if a.layerwise:
+        report_layerwise(runs, curves, a.device, a.command)
+    elif a.seeds:
         report_seeds(runs, curves, a.device, a.command)
     elif a.next:
         report_next(runs, curves, a.device, a.command)

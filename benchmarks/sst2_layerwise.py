@@ -13,6 +13,7 @@ Finished runs (metrics.json present) are reused. Writes the table and per-epoch 
 BENCHMARKS.md between this benchmark's markers.
 
     python benchmarks/sst2_layerwise.py --train-samples 16000 --epochs 6
+    python benchmarks/sst2_layerwise.py --epochs 3 --seed 1 --runs-dir runs/s10-seed1 --layer-gain 0.3 1 3   # a gain sweep
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-samples", type=int, default=16000)
     ap.add_argument("--epochs", type=float, default=6.0)
-    ap.add_argument("--layer-gain", type=float, default=1.0)
+    ap.add_argument("--layer-gain", type=float, nargs="+", default=[1.0],
+                    help="one per-layer student per gain (gain 1 writes gmp-layerwise, others gmp-layerwise-gGAIN)")
     ap.add_argument("--runs-dir", default="runs/s10")
     ap.add_argument("--teacher", default="runs/sst2-dense")
     ap.add_argument("--seed", type=int, default=42)
@@ -48,11 +50,9 @@ def main() -> None:
     best = {"num_epochs": args.epochs, "prune_end": args.epochs / 2, "init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True}
     base = ["sparsebert", "train", "--task", "sst2", "--max-train-samples", str(args.train_samples), "--seed", str(args.seed),
             "--logging-steps", "25", "--eval-each-epoch", "--batch-size", "128", "--model", args.teacher, "--teacher", args.teacher]
-    plan = [
-        ("GMP 80% block4 + KD (logits)", runs / "gmp-logits", "recipes/glue/gmp80-block4-kd.yaml", best),
-        (f"GMP 80% block4 + KD (logits) + per-layer KD, gain {args.layer_gain:g}", runs / "gmp-layerwise",
-         "recipes/glue/gmp80-block4-kd-layerwise.yaml", {**best, "layer_gain": args.layer_gain}),
-    ]
+    plan = [("GMP 80% block4 + KD (logits)", runs / "gmp-logits", "recipes/glue/gmp80-block4-kd.yaml", best)]
+    plan += [(f"GMP 80% block4 + KD (logits) + per-layer KD, gain {g:g}", runs / ("gmp-layerwise" if g == 1 else f"gmp-layerwise-g{g:g}"),
+              "recipes/glue/gmp80-block4-kd-layerwise.yaml", {**best, "layer_gain": g}) for g in args.layer_gain]
     rows = []
     for label, out, recipe, kw in plan:
         cmd = base + ["--recipe", recipe, "--recipe-args", json.dumps(kw), "--output-dir", str(out)]
@@ -65,7 +65,7 @@ def main() -> None:
         f"SST-2, train subset {args.train_samples} of 67,349 drawn with the run's seed ({args.seed}; the teacher's was drawn with "
         f"seed 42), full dev (872), seq 128, batch 128, 2 CPU cores, one run at a time. Teacher and starting point: (a) of the main job (`{args.teacher}`, "
         f"{teacher:.2f}). Both students: 80% block4, global ranking, cubic pruning to epoch {args.epochs / 2:g} of {args.epochs:g}, "
-        "init_lr 4e-4 linear to 0, logits KD at T 5.5 (hardness 1.0); the second adds the per-layer term "
+        "init_lr 4e-4 linear to 0, logits KD at T 5.5 (hardness 1.0); the others add the per-layer term "
         "(normalized MSE of each encoder layer's output, summed over the 6 layers, times the gain).",
         "",
         "| run | dev | Δ vs (a) | encoder Linear sparsity | epochs | train wall time |",
@@ -79,7 +79,7 @@ def main() -> None:
                                                             for label, _, curve, _ in rows)]
     lines += ["", "```"] + [c for _, _, _, c in rows] + ["```",
               f"Reproduce: `python benchmarks/sst2_layerwise.py --train-samples {args.train_samples} --epochs {args.epochs:g} "
-              f"--layer-gain {args.layer_gain:g} --seed {args.seed} --runs-dir {args.runs_dir} --section {args.section}`"]
+              f"--layer-gain {' '.join(f'{g:g}' for g in args.layer_gain)} --seed {args.seed} --runs-dir {args.runs_dir} --section {args.section}`"]
     print(write_section(ROOT / args.output, args.section, "SST-2 on a CPU: per-layer distillation for the GMP student (session 10)",
                         "\n".join(lines)))
 
