@@ -376,6 +376,11 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     # -2.34 F1 without the term), started as soon as squad-dense is done, as in session 9.
     jobs += [gmp(f"s10-gmp-layerwise-seed{seed}", seed, 9, 4.5, recipe="gmp80-block4-kd-layerwise",
                  extra={"layer_gain": 1.0}) for seed in (42, 1, 2, 3)]
+    # Next in line (session 12): session 11's four SST-2 per-layer students were killed at epoch ~7.2 of 9 (six runs
+    # shared the GPU, ~8.5 steps/s each; at epoch 7 they led their logits-KD pairs by +1.06 on average). Again
+    # without the SQuAD runs (the term did not help there), so that the four fit: --only sst2b128-dense
+    # s10-gmp-layerwise-seed42 s10-gmp-layerwise-seed1 s10-gmp-layerwise-seed2 s10-gmp-layerwise-seed3, budget 550,
+    # timeout_s 600 (session 9's call 2: three logits-KD students side by side took 280 s; four with the term, ~400 s).
     # Session 11's second, short call (~4 min of device time left): the per-layer term on the 3-epoch schedule
     # (pruning to 1.5) at seed 42, paired with session 5's short-gmp-lr4e-4-t5.5-global (86.24 without it).
     jobs.append(gmp("s11-short-layerwise-seed42", 42, 3, 1.5, recipe="gmp80-block4-kd-layerwise", extra={"layer_gain": 1.0}))

@@ -5,6 +5,8 @@
 #   annotated-types, typing-inspection, typer; cp312 manylinux), then
 #   python benchmarks/gpu_carry.py pack .devdata
 # and run this with .whl and .devdata carried:  bash benchmarks/gpu_session.sh OUT_DIR BUDGET_S [gpu_runs.py args]
+# BUDGET_S is the orchestrator's clock, which starts after ~25 s of setup here (wheels, unpack): keep the
+# device call's timeout_s at least 40 s above it (session 11's second call, 215 of 240 s, was cut off).
 # e.g. session 4:  bash benchmarks/gpu_session.sh $OUT 540 --bf16 --only sst2-dense squad-dense sst2-long-... squad-long-...
 set -euo pipefail
 out=${1:?output dir}; budget=${2:-530}
