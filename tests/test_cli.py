@@ -208,3 +208,6 @@ def test_shipped_layerwise_recipe_trains_through_cli(tiny_dir, tmp_path, shared_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["encoder_sparsity"] == pytest.approx(0.8, abs=0.005)
     assert "PerLayerDistillationModifier" in (out / "recipe.yaml").read_text()
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    terms = [r for r in logs if "loss/per_layer_distillation" in r]  # each loss term is logged beside the total
+    assert terms and all(r["loss/per_layer_distillation"] > 0 and r["loss/distillation"] >= 0 and "loss/task" in r for r in terms)

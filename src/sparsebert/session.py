@@ -111,9 +111,13 @@ class RecipeSession:
             m.update(self.state)
 
     def modify_loss(self, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
-        """The training loss after every modifier's ``modify_loss`` (e.g. + distillation)."""
+        """The training loss after every modifier's ``modify_loss`` (e.g. + distillation). When a modifier
+        changed it, the task loss is recorded as ``loss/task`` beside the modifiers' own terms."""
+        task_loss = loss
         for m in self.modifiers:
             loss = m.modify_loss(self.state, loss, outputs, inputs)
+        if loss is not task_loss and torch.is_tensor(task_loss):
+            self.state.record_loss("task", task_loss)
         return loss
 
     def finalize(self) -> None:
@@ -149,8 +153,9 @@ class RecipeSession:
         return out
 
     def log_values(self) -> dict[str, float]:
-        """Scalars worth logging now: scheduled sparsity per pruning modifier, epoch."""
-        logs = {"recipe_epoch": round(self.state.epoch, 4)}
+        """Scalars worth logging now: epoch, scheduled sparsity per pruning modifier, and the mean of each
+        loss term since the last log (``loss/task``, ``loss/distillation``, ``loss/per_layer_distillation``)."""
+        logs = {"recipe_epoch": round(self.state.epoch, 4), **self.state.pop_loss_means()}
         for i, m in enumerate(self.modifiers):
             if isinstance(m, GradualPruningModifier):
                 logs[f"sparsity/{i}_{type(m).__name__}"] = round(m.sparsity, 5)

@@ -141,3 +141,31 @@ def test_per_layer_distillation_errors_name_the_key_and_value(tiny_model):
     out = tiny_model(**x)
     with pytest.raises(RecipeError, match="project_features"):
         session.modify_loss(out.loss, out, x)
+
+
+def test_loss_terms_are_logged_as_means_since_the_last_log(tiny_model):
+    """``loss/task``, ``loss/distillation`` and ``loss/per_layer_distillation`` (before its gain) reach the
+    training log as means over the batches since the previous log, then reset."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(5)
+    teacher = BertForSequenceClassification(tiny_model.config)
+    session = RecipeSession(_per_layer_recipe(f"gain: 0.5\n{LAYERS}", kd=True), tiny_model, teacher=teacher)
+    session.start(10)
+    tiny_model.eval()
+    seen = {"task": [], "distillation": [], "per_layer_distillation": []}
+    for _ in range(3):
+        x = {"input_ids": torch.randint(0, 120, (2, 6)), "labels": torch.tensor([0, 1])}
+        out = tiny_model(**x)
+        with torch.no_grad():
+            t = teacher(input_ids=x["input_ids"], output_hidden_states=True)
+            hs_s = tiny_model(**x, output_hidden_states=True).hidden_states
+        seen["task"].append(out.loss.item())
+        seen["distillation"].append(kd_loss(out.logits, t.logits, 2.0).item())
+        seen["per_layer_distillation"].append(sum(feature_distance(hs_s[i + 1], t.hidden_states[i + 1], None).item()
+                                                  for i in range(tiny_model.config.num_hidden_layers)))
+        session.modify_loss(out.loss, out, x)
+    logs = session.log_values()
+    for name, values in seen.items():
+        assert logs[f"loss/{name}"] == pytest.approx(sum(values) / 3, rel=1e-4), name
+    assert not any(k.startswith("loss/") for k in session.log_values())  # reset after each log

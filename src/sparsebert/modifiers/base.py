@@ -47,6 +47,8 @@ class ModifierState:
         teacher_cache: ``(inputs, input_keys, outputs)`` of the teacher's last forward, so that two
             distillation modifiers in one recipe run the teacher once per batch
             (see :func:`~sparsebert.modifiers.distillation.teacher_forward`).
+        loss_terms: running ``[sum, count]`` of each loss term recorded with :meth:`record_loss` since
+            the last log (the session logs their means as ``loss/<name>``).
     """
 
     model: torch.nn.Module
@@ -57,6 +59,20 @@ class ModifierState:
     steps_per_epoch: float | None = None
     grad_sampler: Any = None
     teacher_cache: Any = None
+    loss_terms: dict = dataclasses.field(default_factory=dict)
+
+    def record_loss(self, name: str, value: torch.Tensor) -> None:
+        """Add one batch's value of loss term ``name`` (a 0-d tensor) to the running mean that the next
+        training log shows as ``loss/<name>``. Detached and kept on its device: no host sync per step."""
+        acc = self.loss_terms.setdefault(name, [0.0, 0])
+        acc[0] = acc[0] + value.detach().float()
+        acc[1] += 1
+
+    def pop_loss_means(self) -> dict[str, float]:
+        """``{"loss/<name>": mean}`` of every term recorded since the last call; resets the sums."""
+        out = {f"loss/{k}": float(f"{float(v[0]) / v[1]:.6g}") for k, v in self.loss_terms.items() if v[1]}
+        self.loss_terms.clear()
+        return out
 
 
 class Modifier(BaseModel):

@@ -140,4 +140,5 @@ class DistillationModifier(Modifier):
                 raise self.error(f"model output has no '{key}' (outputs: {list(outputs.keys())})", "distill_output_keys", key)
             terms.append(kd_loss(outputs[key], teacher_out[key], self.temperature, _scored_positions(outputs[key], inputs)))
         distill = torch.stack(terms).mean()
+        state.record_loss("distillation", distill)
         return (1.0 - self.hardness) * loss + self.hardness * distill

@@ -178,6 +178,7 @@ class PerLayerDistillationModifier(Modifier):
                                  f"output {tuple(t_out.shape)}; project_features between widths is not supported",
                                  "project_features", self.project_features)
             total = total + feature_distance(s_out, t_out, mask, self.normalize, self.epsilon)
+        state.record_loss("per_layer_distillation", total)  # before the gain: comparable across gains
         return loss + self.gain * total
 
     def finalize(self, state: ModifierState) -> None:
