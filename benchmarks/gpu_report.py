@@ -28,11 +28,18 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
+def _stopped(m: dict, label: str) -> str:
+    """``label``, marked when the run was stopped at the deadline (its metrics are mid-schedule)."""
+    where = m.get("stopped_early")
+    return f"{label} (**stopped at epoch {where['epoch']:g}** of {m['epochs']:g})" if where else label
+
+
 def _row(runs: dict, name: str, label: str, metric, ref: float | None = None) -> str:
     r = runs.get(name, {})
     m = r.get("metrics")
     if not m:
         return f"| {label} | {r.get('status', 'not run')} | | | | |"
+    label = _stopped(m, label)
     v = metric(m["validation"])
     delta = "" if ref is None else f"{v - ref:+.2f}"
     return (f"| {label} | {v:.2f} | {delta} | {_pct(m['encoder_sparsity'])}% | {m['epochs']:g} | "
@@ -56,6 +63,7 @@ def _squad_row(runs: dict, name: str, label: str, ref_name: str) -> str:
     if not m:
         return f"| {label} | {runs.get(name, {}).get('status', 'not run')} | | | | | |"
     v, ref = m["validation"], _ref(runs, ref_name, lambda v: v["f1"])
+    label = _stopped(m, label)
     return (f"| {label} | {v['exact_match']:.2f} | {v['f1']:.2f} | {v['f1'] - ref:+.2f} | {_pct(m['encoder_sparsity'])}% "
             f"| {m['epochs']:g} | {m['train_wall_seconds'] / 60:.1f} min |")
 

@@ -46,7 +46,8 @@ class Job:
     args: list[str] | Callable[["Scheduler"], list[str] | None]
     deps: tuple[str, ...] = ()
     train: bool = True  # a `sparsebert train` run (gets --output-dir); else any sparsebert command
-    status: str = "waiting"  # waiting, running, ok, failed, skipped, killed
+    status: str = "waiting"  # waiting, running, ok, stopped (SIGTERM at the deadline, metrics kept), failed, skipped, killed
+    signalled: bool = False
     cmd: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     start: float = 0.0
@@ -54,14 +55,17 @@ class Job:
 
 
 class Scheduler:
-    """Start each job when its dependencies are ``ok``; kill what still runs at the deadline."""
+    """Start each job when its dependencies are ``ok``. ``grace_s`` before the deadline, SIGTERM what still
+    runs (``sparsebert train`` then checkpoints, evaluates and writes ``metrics.json`` with ``stopped_early``)
+    and start nothing new; kill what still runs at the deadline."""
 
-    def __init__(self, jobs: list[Job], work: Path, budget_s: float, max_parallel: int):
+    def __init__(self, jobs: list[Job], work: Path, budget_s: float, max_parallel: int, grace_s: float = 30.0):
         self.jobs = {j.name: j for j in jobs}
         self.work = work
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget_s
         self.max_parallel = max_parallel
+        self.grace_s = grace_s
         self.train_flags: list[str] = []  # appended to every `sparsebert train` (e.g. --bf16)
 
     def left(self) -> float:
@@ -94,6 +98,9 @@ class Scheduler:
                 if job.status == "running" and job.proc.poll() is not None:
                     job.wall = time.monotonic() - job.start
                     job.status = "ok" if job.proc.returncode == 0 else "failed"
+                    mpath = self.work / job.name / "metrics.json"
+                    if job.signalled and job.status == "ok" and mpath.is_file() and "stopped_early" in json.loads(mpath.read_text()):
+                        job.status = "stopped"
                     print(f"[{time.monotonic() - self.t0:6.0f}s] {job.status} {job.name} ({job.wall:.0f}s)", flush=True)
                     if job.status == "failed":
                         print((self.work / f"{job.name}.log").read_text()[-3000:], flush=True)
@@ -101,10 +108,16 @@ class Scheduler:
                 if job.status != "waiting":
                     continue
                 dep_states = [self.jobs[d].status for d in job.deps]
-                if any(s in ("failed", "skipped", "killed") for s in dep_states):
+                if any(s in ("failed", "skipped", "killed", "stopped") for s in dep_states) or self.left() <= self.grace_s:
                     job.status = "skipped"
                 elif all(s == "ok" for s in dep_states) and self.running() < self.max_parallel:
                     self._launch(job)
+            if self.left() <= self.grace_s:
+                for job in self.jobs.values():
+                    if job.status == "running" and not job.signalled:
+                        job.proc.terminate()  # SIGTERM: checkpoint + final eval + metrics, marked stopped_early
+                        job.signalled = True
+                        print(f"[{time.monotonic() - self.t0:6.0f}s] SIGTERM {job.name} ({self.grace_s:.0f}s before the deadline)", flush=True)
             if self.left() <= 0:
                 for job in self.jobs.values():
                     if job.status == "running":
@@ -437,6 +450,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="summary.json and results.tar.gz go here")
     ap.add_argument("--budget", type=float, default=560.0, help="wall-clock seconds for everything")
     ap.add_argument("--max-parallel", type=int, default=14)
+    ap.add_argument("--grace", type=float, default=30.0, help="seconds before the deadline at which running jobs get SIGTERM "
+                    "(they stop at the next step, evaluate and save) and no new job starts")
     ap.add_argument("--only", nargs="*", help="run just these jobs (their dependencies must be listed too)")
     ap.add_argument("--smoke", action="store_true", help="48 examples per run: check the plumbing")
     ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision for every training run (tensor cores: "
@@ -447,7 +462,7 @@ def main() -> None:
     jobs = build_jobs(a.model, a.work, a.smoke)
     if a.only:
         jobs = [j for j in jobs if j.name in a.only]
-    sched = Scheduler(jobs, a.work, a.budget, a.max_parallel)
+    sched = Scheduler(jobs, a.work, a.budget, a.max_parallel, a.grace)
     sched.train_flags = ["--bf16"] if a.bf16 else []
     try:
         sched.run()

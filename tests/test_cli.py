@@ -131,6 +131,71 @@ def test_resume_keeps_masks(tiny_dir, tmp_path, shared_data):
     assert json.loads((out / "metrics.json").read_text())["encoder_sparsity"] == pytest.approx(0.75, abs=0.005)
 
 
+def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path, shared_data, monkeypatch):
+    """Preemption: SIGTERM mid-run -> the step's checkpoint, the model and metrics marked ``stopped_early``;
+    the same command with --resume then completes the schedule."""
+    import os
+    import signal
+
+    from sparsebert.integrations import StopOnSignalCallback
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.split("distillation_modifiers:")[0].replace("    end_epoch: 1.0\n", "    end_epoch: 2.0\n"))
+    out = tmp_path / "run"
+    common = ["--task", "sst2", "--model", tiny_dir, "--max-train-samples", 64, "--max-eval-samples", 16, "--batch-size", 16,
+              "--epochs", 2, "--logging-steps", 1, "--recipe", recipe, "--output-dir", out]  # 4 steps an epoch, 8 in all
+    original = StopOnSignalCallback.on_step_end
+
+    def signal_at_step_3(self, args, state, control, **kw):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's preemption would
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(StopOnSignalCallback, "on_step_end", signal_at_step_3)
+    before = signal.getsignal(signal.SIGTERM)
+    code, output = invoke("train", *common)
+    assert code == 0, output
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+    assert "stopped early" in output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_early"] == {"signal": "SIGTERM", "step": 3, "epoch": 0.75}
+    assert (out / "checkpoint-3" / "sparsebert_state.pt").is_file()
+    assert 0.0 < metrics["encoder_sparsity"] < 0.7  # mid-schedule
+
+    monkeypatch.setattr(StopOnSignalCallback, "on_step_end", original)
+    code, output = invoke("train", *common, "--resume")
+    assert code == 0, output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "stopped_early" not in metrics
+    assert metrics["encoder_sparsity"] == pytest.approx(0.75, abs=0.005)
+    steps = [r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps[-1] == 8 and 4 in steps  # the resumed run went on from step 3
+
+
+def test_stop_on_signal_agrees_across_processes():
+    """Under torch.distributed a signal to one rank stops every rank, at a step that is a multiple of sync_every."""
+    from types import SimpleNamespace
+
+    from sparsebert.integrations import StopOnSignalCallback
+
+    class FakeAccelerator:  # one rank's view; the peer has set its trigger
+        num_processes = 2
+
+        def set_trigger(self):
+            pass
+
+        def check_trigger(self):
+            return True
+
+    cb = StopOnSignalCallback(FakeAccelerator(), sync_every=5)
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    cb.on_step_end(None, SimpleNamespace(global_step=4, epoch=0.4), control)
+    assert not control.should_training_stop  # no check between sync steps
+    cb.on_step_end(None, SimpleNamespace(global_step=5, epoch=0.5), control)
+    assert control.should_training_stop and control.should_save
+    assert cb.stopped_at == {"signal": "another rank", "step": 5, "epoch": 0.5}
+
+
 def test_bad_inputs_fail_clearly(tiny_dir, tmp_path, shared_data):
     out = tmp_path / "x"
     code, output = invoke("train", "--task", "sst3", "--model", tiny_dir, "--output-dir", out)

@@ -206,6 +206,10 @@ def _run_and_report(run, cfg, output_dir: Path) -> None:
     if os.environ.get("RANK", "0") == "0":
         _print_metrics(metrics)
         console.print(f"[bold green]model:[/] {output_dir}   [bold green]metrics:[/] {output_dir / 'metrics.json'}")
+        if metrics.get("stopped_early"):
+            where = metrics["stopped_early"]
+            console.print(f"[bold yellow]stopped early[/] by {where['signal']} at step {where['step']} (epoch {where['epoch']}): "
+                          f"the metrics are mid-schedule; continue with the same command and --resume")
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
-from .integrations import JsonlLoggerCallback, SparseTrainer
+from .integrations import JsonlLoggerCallback, SparseTrainer, StopOnSignalCallback
 from .models import resolve_model
 from .recipe import load_recipe
 from .sparsity import encoder_linear_sparsity
@@ -113,6 +113,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     Output folder: ``save_pretrained`` files, ``recipe.yaml`` (the recipe as applied),
     ``metrics.json`` (eval metrics, measured sparsity, wall time, data notes),
     ``train_log.jsonl`` (one JSON line per log step), ``runs/`` (TensorBoard), ``checkpoint-*``.
+    SIGTERM/SIGUSR1 stop the run at the next step with a checkpoint (see :class:`StopOnSignalCallback`);
+    the model and metrics are still written, ``metrics.json`` then holds ``stopped_early``.
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -175,6 +177,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     trainer.add_callback(JsonlLoggerCallback(out / "train_log.jsonl"))
     if cfg.eval_each_epoch:
         trainer.add_callback(EpochEvalCallback(trainer, task, data))
+    stop = StopOnSignalCallback(trainer.accelerator)  # SIGTERM/SIGUSR1: checkpoint, then finish as below
+    trainer.add_callback(stop)
     train_result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
     train_seconds = time.time() - t0
 
@@ -189,6 +193,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         train_loss=train_result.training_loss,
         data_note=data.note,
     )
+    if stop.stopped_at is not None:  # evaluated mid-schedule: say so wherever the metrics go
+        metrics["stopped_early"] = stop.stopped_at
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, out)
         trainer.session.save_artifacts(out)  # e.g. quantization.json of QAT

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..session import RecipeSession
 
-__all__ = ["RecipeCallback", "RecipeTrainerMixin", "SparseTrainer", "JsonlLoggerCallback"]
+__all__ = ["RecipeCallback", "RecipeTrainerMixin", "SparseTrainer", "JsonlLoggerCallback", "StopOnSignalCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,69 @@ class RecipeCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.session.finalize()
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """Stop training cleanly on SIGTERM or SIGUSR1 (preemption, a scheduler's time limit, ``timeout``).
+
+    At the next optimizer step every process stops together: a checkpoint is saved (``--resume``
+    continues from it, masks and schedules included) and training ends as usual, so the caller still
+    evaluates and saves the model. :attr:`stopped_at` then says where (``{"signal", "step", "epoch"}``);
+    ``sparsebert train`` writes it into ``metrics.json`` as ``stopped_early``. Without a signal it
+    stays ``None`` and nothing changes.
+
+    Handlers are installed at ``on_train_begin`` and the previous ones restored at ``on_train_end``;
+    off the main thread (where Python allows no handlers) the callback does nothing. Under
+    torch.distributed the processes agree through ``accelerator.set_trigger``/``check_trigger``, one
+    small all-reduce every ``sync_every`` steps (a signal to any rank stops all); a single process
+    checks its own flag every step at no cost.
+
+    Args:
+        accelerator: the Trainer's ``accelerate.Accelerator`` (``trainer.accelerator``).
+        sync_every: steps between the cross-process checks under torch.distributed.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, accelerator, sync_every: int = 10):
+        self.accelerator = accelerator
+        self.sync_every = max(int(sync_every), 1)
+        self.received: str | None = None
+        self.stopped_at: dict | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name  # only a flag: the training loop acts on it
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            if state.global_step % self.sync_every:
+                return
+            if self.received:
+                self.accelerator.set_trigger()
+            stop = self.accelerator.check_trigger()
+        else:
+            stop = self.received is not None
+        if stop and self.stopped_at is None:
+            self.stopped_at = {"signal": self.received or "another rank", "step": state.global_step,
+                               "epoch": round(state.epoch, 4)}
+            logger.warning("%s received: stopping at step %d (epoch %.2f), saving a checkpoint; continue with --resume",
+                           self.stopped_at["signal"], state.global_step, state.epoch)
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
 class JsonlLoggerCallback(TrainerCallback):
