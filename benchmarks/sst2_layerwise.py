@@ -64,8 +64,8 @@ def main() -> None:
     lines = [
         f"SST-2, train subset {args.train_samples} of 67,349 drawn with the run's seed ({args.seed}; the teacher's was drawn with "
         f"seed 42), full dev (872), seq 128, batch 128, 2 CPU cores, one run at a time. Teacher and starting point: (a) of the main job (`{args.teacher}`, "
-        f"{teacher:.2f}). Both students: 80% block4, global ranking, cubic pruning to epoch {args.epochs / 2:g} of {args.epochs:g}, "
-        "init_lr 4e-4 linear to 0, logits KD at T 5.5 (hardness 1.0); the others add the per-layer term "
+        f"{teacher:.2f}). Every student: 80% block4, global ranking, cubic pruning to epoch {args.epochs / 2:g} of {args.epochs:g}, "
+        "init_lr 4e-4 linear to 0, logits KD at T 5.5 (hardness 1.0); all but the first add the per-layer term "
         "(normalized MSE of each encoder layer's output, summed over the 6 layers, times the gain).",
         "",
         "| run | dev | Δ vs (a) | encoder Linear sparsity | epochs | train wall time |",
