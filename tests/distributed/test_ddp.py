@@ -151,3 +151,42 @@ def test_squad_and_qat_paths_under_torchrun(tmp_path, shared_data, path):
     metrics = __import__("json").loads((out / "metrics.json").read_text())
     expected = 0.8 if path == "squad-kd" else 0.5
     assert metrics["encoder_sparsity"] == pytest.approx(expected, abs=0.01)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, shared_data):
+    """Preemption under torchrun: SIGTERM to one worker only. The ranks agree (every 10 steps), stop at the same
+    step with a checkpoint, and rank 0 writes metrics marked ``stopped_early`` -- no hang, exit 0."""
+    import json
+    import os
+    import signal
+    import time
+
+    import psutil  # accelerate's dependency
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from sparsebert.models import default_model_path
+    from tests_helpers import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tiny = tmp_path / "tiny"
+    BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(tiny)
+    tok.save_pretrained(tiny)
+    out = tmp_path / "out"
+    cmd = [*LAUNCHERS["torchrun"](free_port()), "-m", "sparsebert", "train", "--task", "sst2", "--model", str(tiny),
+           "--epochs", "40", "--max-train-samples", "64", "--max-eval-samples", "16", "--batch-size", "8", "--logging-steps", "1",
+           "--output-dir", str(out)]  # 4 steps an epoch, 160 in all
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and log.read_text().count('"loss"') >= 3):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children() if "sparsebert" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    stopped = json.loads((out / "metrics.json").read_text())["stopped_early"]
+    assert stopped["step"] % 10 == 0 and stopped["step"] < 160
+    assert (out / f"checkpoint-{stopped['step']}").is_dir()
