@@ -392,9 +392,11 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     # Next in line (session 12): session 11's four SST-2 per-layer students were killed at epoch ~7.2 of 9 (six runs
     # shared the GPU, ~8.5 steps/s each; at epoch 7 they led their logits-KD pairs by +1.06 on average). Again
     # without the SQuAD runs (the term did not help there), so that the four fit: --only sst2b128-dense
-    # s10-gmp-layerwise-seed42 s10-gmp-layerwise-seed1 s10-gmp-layerwise-seed2 s10-gmp-layerwise-seed3, budget 550,
-    # timeout_s 600. Sizing from session 11's logs: once the SQuAD runs ended, the four ran at ~12 steps/s each, so
-    # 4743 steps take ~400 s; with the teacher (72-108 s) and start-up that is ~520 s of the 550.
+    # s10-gmp-layerwise-seed42 s10-gmp-layerwise-seed1 s10-gmp-layerwise-seed2 s10-gmp-layerwise-seed3 --grace 25,
+    # budget 565, timeout_s 600 (setup before the orchestrator's clock: ~23 s). Sizing from session 11's logs: once the
+    # SQuAD runs ended, the four ran at ~12 steps/s each, so 4743 steps take ~400 s; with the teacher (72-108 s),
+    # loading and evals, ~500-540 s. If that is too long they get SIGTERM at 540 s and stop with metrics; the LR is
+    # then near 0 (linear decay), so a run stopped in its last half epoch reads close to its final number.
     # Session 11's second, short call (~4 min of device time left): the per-layer term on the 3-epoch schedule
     # (pruning to 1.5) at seed 42, paired with session 5's short-gmp-lr4e-4-t5.5-global (86.24 without it).
     jobs.append(gmp("s11-short-layerwise-seed42", 42, 3, 1.5, recipe="gmp80-block4-kd-layerwise", extra={"layer_gain": 1.0}))
