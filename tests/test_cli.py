@@ -172,6 +172,33 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path,
     assert steps[-1] == 8 and 4 in steps  # the resumed run went on from step 3
 
 
+def test_a_second_signal_acts_as_before_and_handlers_are_restored():
+    """While stopping, a second SIGTERM goes to the previous handler (here a recorder standing in for the default
+    'terminate'); restore_handlers() is idempotent."""
+    import signal
+    from types import SimpleNamespace
+
+    from sparsebert.integrations import StopOnSignalCallback
+
+    seen = []
+
+    def recorder(signum, frame):
+        seen.append(signum)
+
+    before = signal.signal(signal.SIGTERM, recorder)
+    try:
+        cb = StopOnSignalCallback(SimpleNamespace(num_processes=1))
+        cb.on_train_begin(None, None, None)
+        signal.raise_signal(signal.SIGTERM)
+        assert cb.received == "SIGTERM" and seen == []  # first: only the flag
+        signal.raise_signal(signal.SIGTERM)
+        assert seen == [signal.SIGTERM]  # second: the previous handler, now reinstalled
+        assert signal.getsignal(signal.SIGTERM) is recorder
+        cb.restore_handlers()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_stop_on_signal_agrees_across_processes():
     """Under torch.distributed a signal to one rank stops every rank, at a step that is a multiple of sync_every."""
     from types import SimpleNamespace

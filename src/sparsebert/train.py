@@ -179,7 +179,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.add_callback(EpochEvalCallback(trainer, task, data))
     stop = StopOnSignalCallback(trainer.accelerator)  # SIGTERM/SIGUSR1: checkpoint, then finish as below
     trainer.add_callback(stop)
-    train_result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    finally:
+        stop.restore_handlers()  # also when training raises (in-process callers keep their handlers)
     train_seconds = time.time() - t0
 
     metrics: dict[str, Any] = {"task": task.name, "model": model_path, "recipe": cfg.recipe, "teacher": cfg.teacher}

@@ -86,8 +86,10 @@ class StopOnSignalCallback(TrainerCallback):
     ``sparsebert train`` writes it into ``metrics.json`` as ``stopped_early``. Without a signal it
     stays ``None`` and nothing changes.
 
-    Handlers are installed at ``on_train_begin`` and the previous ones restored at ``on_train_end``;
-    off the main thread (where Python allows no handlers) the callback does nothing. Under
+    A second signal while stopping restores the previous handler and re-raises, so it acts as before
+    (SIGTERM's default: terminate at once). Handlers are installed at ``on_train_begin`` and the previous
+    ones restored at ``on_train_end``; call :meth:`restore_handlers` in a ``finally`` when training may
+    raise. Off the main thread (where Python allows no handlers) the callback does nothing. Under
     torch.distributed the processes agree through ``accelerator.set_trigger``/``check_trigger``, one
     small all-reduce every ``sync_every`` steps (a signal to any rank stops all); a single process
     checks its own flag every step at no cost.
@@ -107,7 +109,17 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
+        if self.received is not None:  # asked twice: stop waiting for the step boundary
+            self.restore_handlers()
+            signal.raise_signal(signum)
+            return
         self.received = signal.Signals(signum).name  # only a flag: the training loop acts on it
+
+    def restore_handlers(self) -> None:
+        """Put back the handlers that were installed before training (idempotent)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is not threading.main_thread():
@@ -135,9 +147,7 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
+        self.restore_handlers()
 
 
 class JsonlLoggerCallback(TrainerCallback):
