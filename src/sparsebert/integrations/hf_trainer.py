@@ -118,12 +118,12 @@ class StopOnSignalCallback(TrainerCallback):
     def restore_handlers(self) -> None:
         """Put back the handlers that were installed before training (idempotent)."""
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: a handler set outside Python
         self._previous.clear()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            return
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return  # no handlers off the main thread; already installed
         for name in self.SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:
