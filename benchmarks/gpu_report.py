@@ -25,6 +25,12 @@ SQUAD_HEAD = ("| run | EM | F1 | Δ F1 vs (a) | encoder Linear sparsity | epochs
               "|---|---|---|---|---|---|---|")
 
 
+# The GMP 80% block4 students of issue 3 by seed (init_lr 4e-4, T 5.5, global, 9 epochs): logits KD only (session 7
+# for seed 42, session 9 for 1-3), and the same with per-layer KD (sessions 11 and 12).
+LOGITS_KD_BY_SEED = {42: "next-gmp-lr4e-4-t5.5-global", 1: "s9-gmp-seed1", 2: "s9-gmp-seed2", 3: "s9-gmp-seed3"}
+LAYERWISE_BY_SEED = {seed: f"s10-gmp-layerwise-seed{seed}" for seed in LOGITS_KD_BY_SEED}
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
@@ -340,9 +346,9 @@ def report_layerwise(runs: dict, curves: dict, device: str, commands: list[str])
 
     acc = lambda v: 100 * v["accuracy"]  # noqa: E731
     ref = _ref(runs, "sst2b128-dense", acc)
-    pairs = [(42, "next-gmp-lr4e-4-t5.5-global"), (1, "s9-gmp-seed1"), (2, "s9-gmp-seed2"), (3, "s9-gmp-seed3")]
+    pairs = list(LOGITS_KD_BY_SEED.items())
     base = {seed: [100 * a for a in curves.get(n, [])] for seed, n in pairs}
-    lw = {seed: [100 * a for a in curves.get(f"s10-gmp-layerwise-seed{seed}", [])] for seed, _ in pairs}
+    lw = {seed: [100 * a for a in curves.get(LAYERWISE_BY_SEED[seed], [])] for seed, _ in pairs}
     n_ep = min(len(c) for c in [*base.values(), *lw.values()])
     if n_ep == 0:
         raise SystemExit("gpu_report: no per-epoch evals for the per-layer students (is results.tar.gz beside the summary?)")
@@ -352,7 +358,7 @@ def report_layerwise(runs: dict, curves: dict, device: str, commands: list[str])
         final = runs.get(name, {}).get("metrics")
         rows.append(f"| {seed} | {', '.join(f'{x:.2f}' for x in b)} | {', '.join(f'{x:.2f}' for x in l)} "
                     f"| {l[-1] - b[-1]:+.2f} | {acc(final['validation']):.2f} | "
-                    f"{runs.get(f's10-gmp-layerwise-seed{seed}', {}).get('status', 'not run')} |")
+                    f"{runs.get(LAYERWISE_BY_SEED[seed], {}).get('status', 'not run')} |")
     mean_b = [statistics.mean(base[s][e] for s in base) for e in range(n_ep)]
     mean_l = [statistics.mean(lw[s][e] for s in lw) for e in range(n_ep)]
     last_l = [lw[s][n_ep - 1] for s in lw]
@@ -387,7 +393,7 @@ def report_layerwise(runs: dict, curves: dict, device: str, commands: list[str])
             _squad_row(runs, "squad-dense@call3", "(a) dense fine-tune, session 11", "squad-dense@call3"),
             _squad_row(runs, "s10-squad-gmp-layerwise", "GMP + per-layer KD, init_lr 4e-4, 12 epochs", "squad-dense@call3"),
             _squad_row(runs, "s10-squad-obs-layerwise", "oBERT + per-layer KD, init_lr 6e-4, 8 epochs", "squad-dense@call3"), "",
-            _commands(runs, ["sst2b128-dense", *(f"s10-gmp-layerwise-seed{s}" for s, _ in pairs), "squad-dense",
+            _commands(runs, ["sst2b128-dense", *LAYERWISE_BY_SEED.values(), "squad-dense",
                              "s10-squad-gmp-layerwise", "s10-squad-obs-layerwise"])]
     write_section(ROOT / "BENCHMARKS.md", "gpu_layerwise",
                   "SST-2 and SQuAD on a GPU: per-layer distillation, paired with the logits-KD students (session 11)",
@@ -402,9 +408,8 @@ def report_layerwise_final(runs: dict, curves: dict, device: str, commands: list
 
     acc = lambda v: 100 * v["accuracy"]  # noqa: E731
     ref = _ref(runs, "sst2b128-dense", acc)
-    base = [("next-gmp-lr4e-4-t5.5-global", "logits KD, seed 42 (session 7)"), ("s9-gmp-seed1", "logits KD, seed 1 (session 9)"),
-            ("s9-gmp-seed2", "logits KD, seed 2 (session 9)"), ("s9-gmp-seed3", "logits KD, seed 3 (session 9)")]
-    lw = [(f"s10-gmp-layerwise-seed{seed}", f"+ per-layer KD, seed {seed}") for seed in (42, 1, 2, 3)]
+    base = [(n, f"logits KD, seed {seed} (session {7 if seed == 42 else 9})") for seed, n in LOGITS_KD_BY_SEED.items()]
+    lw = [(n, f"+ per-layer KD, seed {seed}") for seed, n in LAYERWISE_BY_SEED.items()]
 
     def finals(names: list[tuple[str, str]]) -> list[float]:
         ms = [runs.get(n, {}).get("metrics") for n, _ in names]

@@ -70,7 +70,7 @@ class ModifierState:
 
     def pop_loss_means(self) -> dict[str, float]:
         """``{"loss/<name>": mean}`` of every term recorded since the last call; resets the sums."""
-        out = {f"loss/{k}": float(f"{float(v[0]) / v[1]:.6g}") for k, v in self.loss_terms.items() if v[1]}
+        out = {f"loss/{k}": float(f"{float(total) / count:.6g}") for k, (total, count) in self.loss_terms.items()}
         self.loss_terms.clear()
         return out
 
