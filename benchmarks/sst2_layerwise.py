@@ -66,14 +66,15 @@ def main() -> None:
         rows.append((label, json.loads((ROOT / out / "metrics.json").read_text()), dev_curve(ROOT / out), shlex.join(cmd)))
 
     teacher = json.loads((ROOT / args.teacher / "metrics.json").read_text())["validation"]["accuracy"] * 100
+    data = (f"train subset {args.train_samples} of 67,349 drawn with the run's seed ({args.seed}; the teacher's was drawn with seed 42)"
+            if args.train_samples else f"all 67,349 training sentences (seed {args.seed}; the teacher saw a 16,000 subset)")
+    students = "Every student" if len(plan) > 1 else "The student"
+    layerwise = "plus" if args.no_logits_baseline else "all but the first add"
     lines = [
-        (f"SST-2, train subset {args.train_samples} of 67,349 drawn with the run's seed ({args.seed}; the teacher's was drawn with "
-         "seed 42)" if args.train_samples else f"SST-2, all 67,349 training sentences (seed {args.seed}; the teacher saw a 16,000 subset)") +
-        f", full dev (872), seq 128, batch 128, 2 CPU cores, one run at a time. Teacher and starting point: (a) of the main job (`{args.teacher}`, "
-        f"{teacher:.2f}). {'Every student' if len(plan) > 1 else 'The student'}: 80% block4, global ranking, cubic pruning to epoch {args.epochs / 2:g} of {args.epochs:g}, "
-        "init_lr 4e-4 linear to 0, logits KD at T 5.5 (hardness 1.0); " +
-        ("all but the first add" if not args.no_logits_baseline else "plus") + " the per-layer term "
-        "(normalized MSE of each encoder layer's output, summed over the 6 layers, times the gain).",
+        f"SST-2, {data}, full dev (872), seq 128, batch 128, 2 CPU cores, one run at a time. Teacher and starting point: (a) of the "
+        f"main job (`{args.teacher}`, {teacher:.2f}). {students}: 80% block4, global ranking, cubic pruning to epoch "
+        f"{args.epochs / 2:g} of {args.epochs:g}, init_lr 4e-4 linear to 0, logits KD at T 5.5 (hardness 1.0); {layerwise} the "
+        "per-layer term (normalized MSE of each encoder layer's output, summed over the 6 layers, times the gain).",
         "",
         "| run | dev | Δ vs (a) | encoder Linear sparsity | epochs | train wall time |",
         "|---|---|---|---|---|---|",
