@@ -62,6 +62,7 @@ def train(
     bf16: bool = typer.Option(False),
     eval_each_epoch: bool = typer.Option(False, help="Evaluate at each epoch end (logged to train_log.jsonl)."),
     streaming: bool = typer.Option(False, help="mlm: read the training corpus lazily; an epoch is --max-train-samples blocks."),
+    group_by_length: bool = typer.Option(False, help="Batch examples of similar length (HF LengthGroupedSampler): less padding, faster when lengths vary."),
 ):
     """Fine-tune (and sparsify, with a recipe) a model on a task."""
     from .train import TrainConfig, run_train
@@ -73,7 +74,7 @@ def train(
         data=_data_args(data_dir, train_file, validation_file, max_seq_length, max_train_samples, max_eval_samples, seed, doc_stride, split_by_article, task),
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, logging_steps=logging_steps, overwrite=overwrite, resume=resume, fp16=fp16, bf16=bf16,
-        eval_each_epoch=eval_each_epoch,
+        eval_each_epoch=eval_each_epoch, group_by_length=group_by_length,
     )
     cfg.data.streaming = streaming
     _run_and_report(run_train, cfg, output_dir)

@@ -24,7 +24,7 @@ from .recipe import load_recipe
 from .sparsity import encoder_linear_sparsity
 from .tasks import DataArgs, get_task
 
-__all__ = ["TrainConfig", "run_train", "prepare_output_dir", "write_json_atomic", "OutputDirError"]
+__all__ = ["TrainConfig", "run_train", "training_arguments", "prepare_output_dir", "write_json_atomic", "OutputDirError"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class TrainConfig:
     bf16: bool = False
     use_cpu: bool = False
     eval_each_epoch: bool = False
+    group_by_length: bool = False
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
@@ -107,6 +108,41 @@ def _save_final(trainer, tokenizer, out: Path) -> None:
     tmp.rmdir()
 
 
+def training_arguments(cfg: TrainConfig, output_dir: str | os.PathLike, epochs: float) -> TrainingArguments:
+    """The Hugging Face ``TrainingArguments`` of a ``sparsebert train`` run (one place, so tests see what runs).
+
+    ``cfg.group_by_length`` selects HF's ``LengthGroupedSampler`` (``train_sampling_strategy``); the
+    recipe's modifiers, not these arguments, set the learning-rate schedule.
+    """
+    report_to = ["tensorboard"] if _has_tensorboard() else []
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="epoch",
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="no",
+        report_to=report_to,
+        fp16=cfg.fp16,
+        bf16=cfg.bf16,
+        # without an accelerator, say so: accelerate then sets up torch.distributed with gloo under
+        # torchrun (otherwise each process would silently train alone on the full data)
+        use_cpu=cfg.use_cpu or not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # frozen/dropped params leave the graph before DDP wraps
+        # batches of similar length: far less padding when lengths vary (SST-2: 3.6x fewer tokens)
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.task`` under ``cfg.recipe``; save the model, applied recipe, metrics and logs.
 
@@ -140,31 +176,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         logger.warning("data: %s", data.note)
 
     epochs = cfg.epochs or (recipe.num_epochs if recipe else None) or 3.0
-    report_to = ["tensorboard"] if _has_tensorboard() else []
-    args = TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="epoch",
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="no",
-        report_to=report_to,
-        fp16=cfg.fp16,
-        bf16=cfg.bf16,
-        # without an accelerator, say so: accelerate then sets up torch.distributed with gloo under
-        # torchrun (otherwise each process would silently train alone on the full data)
-        use_cpu=cfg.use_cpu or not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,  # frozen/dropped params leave the graph before DDP wraps
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
-    )
+    args = training_arguments(cfg, out, epochs)
     trainer = SparseTrainer(
         recipe=recipe,
         teacher=teacher,
