@@ -155,25 +155,26 @@ def test_attention_block_matches_unfused(precision, fmt, b, s, h, d, masked, two
     qkv_t = qkv.run(x, y_t=True)
     ctx_t = mod.attention_t(qkv_t, b, s, h, d, mask, 2, False)
     expected = o.run(ctx_t, x_t=True, per_token=True) if int8 else o.run(ctx_t, x_t=True)
-    out = torch.full((b * s, out_features), float("nan"))
-    with torch.inference_mode():
-        got = bert._attention_block(qkv, o, x, b, s, h, d, mask, None, out)
-    assert got is out
-    # The same sums; a sequence's last token tile may be narrower than the unfused one at that position,
-    # and tiles of an odd number of 8-token registers run the AVX2 loop (FP32 block4 sums its four
-    # weights in another order there): float rounding, which in INT8 can move a context value across a
-    # 7-bit rounding boundary (one grid step times a weight).
-    step = float(ctx_t.abs().max() / 63 * o.dequantized_weight().abs().max()) if int8 else 0.0
-    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + step
-    assert float((got - expected).abs().gt(1e-5 * float(expected.abs().max())).float().mean()) < 0.02
-    # With the residual add + LayerNorm as its epilogue (and the range of the result):
-    residual = torch.randn(b * s, out_features, generator=g)
-    gamma, beta, minmax = torch.randn(out_features, generator=g), torch.randn(out_features, generator=g), torch.empty(2)
-    with torch.inference_mode():
-        normed = bert._attention_block(qkv, o, x, b, s, h, d, mask, None, torch.empty(b * s, out_features),
-                                       (residual, gamma, beta, 1e-12, minmax))
-    torch.testing.assert_close(normed, F.layer_norm(got + residual, (out_features,), gamma, beta, 1e-12), rtol=1e-4, atol=1e-4)
-    assert torch.equal(minmax, torch.stack(torch.aminmax(normed)))
+    if bert._fused_attention() is not None:  # the fused block runs on AVX-512 CPUs only
+        out = torch.full((b * s, out_features), float("nan"))
+        with torch.inference_mode():
+            got = bert._attention_block(qkv, o, x, b, s, h, d, mask, None, out)
+        assert got is out
+        # The same sums; a sequence's last token tile may be narrower than the unfused one at that position,
+        # and tiles of an odd number of 8-token registers run the AVX2 loop (FP32 block4 sums its four
+        # weights in another order there): float rounding, which in INT8 can move a context value across a
+        # 7-bit rounding boundary (one grid step times a weight).
+        step = float(ctx_t.abs().max() / 63 * o.dequantized_weight().abs().max()) if int8 else 0.0
+        assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + step
+        assert float((got - expected).abs().gt(1e-5 * float(expected.abs().max())).float().mean()) < 0.02
+        # With the residual add + LayerNorm as its epilogue (and the range of the result):
+        residual = torch.randn(b * s, out_features, generator=g)
+        gamma, beta, minmax = torch.randn(out_features, generator=g), torch.randn(out_features, generator=g), torch.empty(2)
+        with torch.inference_mode():
+            normed = bert._attention_block(qkv, o, x, b, s, h, d, mask, None, torch.empty(b * s, out_features),
+                                           (residual, gamma, beta, 1e-12, minmax))
+        torch.testing.assert_close(normed, F.layer_norm(got + residual, (out_features,), gamma, beta, 1e-12), rtol=1e-4, atol=1e-4)
+        assert torch.equal(minmax, torch.stack(torch.aminmax(normed)))
     from sparsebert.engine.quantized_linear import activation_qparams_7bit
 
     sx, zp = activation_qparams_7bit(x) if int8 else (1.0, 0)
@@ -198,7 +199,8 @@ def test_attention_block_applies_only_where_it_can(two_threads):
     g = torch.Generator().manual_seed(7)
     qkv, o = _block_layers("fp32", "unstructured", 32, 32, g)
     x, out = torch.randn(3 * 8, 32, generator=g), torch.empty(3 * 8, 32)
-    assert bert._attention_block(qkv, o, x[:16], 2, 8, 2, 16, None, None, out[:16]) is not None
+    fused = bert._fused_attention() is not None  # AVX-512 CPUs; elsewhere the block never applies
+    assert (bert._attention_block(qkv, o, x[:16], 2, 8, 2, 16, None, None, out[:16]) is not None) == fused
     assert bert._attention_block(qkv, o, x[:8], 1, 8, 2, 16, None, None, out[:8]) is None  # a thread would idle
     assert bert._attention_block(qkv, o, x, 3, 8, 2, 16, None, None, out) is None  # 2 + 1 sequences: uneven
     dense = SparseLinear.from_dense(torch.randn(32, 32), None, pattern="dense")

@@ -152,6 +152,15 @@ def test_zeros_kept_through_qat_and_observers_freeze():
         assert bool((module.quantized_weight()[mask] == 0).all()), name  # zero quantizes to zero
 
 
+def _cpu_has_vnni() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX-INT8)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux x86: no saturating AVX2 path to allow for
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def test_int8_export_keeps_zeros_and_matches_fake_quant(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
@@ -175,8 +184,12 @@ def test_int8_export_keeps_zeros_and_matches_fake_quant(tmp_path):
     for fmt in ("qdq", "qoperator"):
         out = export_onnx(src, tmp_path / fmt, task="sst2", precision="int8", int8_format=fmt)
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["precision"] == "int8" and manifest["validation"]["max_abs_diff"] < 1e-4
-        assert manifest["validation"]["max_abs_diff_unfused"] < 1e-5  # the graph computes what QAT computed
+        # QOperator's integer MatMuls on an x86 CPU without VNNI run ORT's AVX2 u8s8 kernel, whose 16-bit pair
+        # sums (vpmaddubsw) can saturate: logits move by a few hundredths (0.021 on an AVX2-only EPYC).
+        saturating = fmt == "qoperator" and not _cpu_has_vnni()
+        assert manifest["precision"] == "int8" and manifest["validation"]["max_abs_diff"] < (0.05 if saturating else 1e-4)
+        # the graph computes what QAT computed
+        assert manifest["validation"]["max_abs_diff_unfused"] < (0.05 if saturating else 1e-5)
         inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
         int8 = [r for r in manifest["sparsity"]["initializers"] if r["dtype"] == "int8"]
         assert len(int8) == 13  # 12 encoder Linears + classifier
