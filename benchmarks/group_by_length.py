@@ -7,8 +7,8 @@ holds sentences of about one length. This measures, side by side in one run:
 
 1. padded tokens / real tokens over one epoch of the whole train set at batch 128 (random vs
    grouped; the trainer's own dataloader, no model), and
-2. the wall time of the same training job (issue 3's student: GMP 80% block4 + logits and
-   per-layer KD, batch 128) on a seeded train subset, random vs grouped batches.
+2. the training-loop time (the Trainer's ``train_runtime``) of one job, issue 3's student (GMP 80%
+   block4 + logits and per-layer KD, batch 128), on a seeded train subset, random vs grouped batches.
 
     python benchmarks/group_by_length.py --steps 30
 """
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 
 from _report import ROOT, run_logged, write_section
 
 
-def padding_ratio(group: bool, batch_size: int) -> float:
-    """Padded / real tokens of one epoch of SST-2's whole train set (the packaged tokenizer)."""
+def padding_ratios(batch_size: int) -> dict[bool, float]:
+    """Padded / real tokens of one epoch of SST-2's whole train set (the packaged tokenizer), keyed by
+    whether batches are length-grouped. The data is read and tokenized once for both."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from sparsebert.integrations import SparseTrainer
@@ -35,17 +37,20 @@ def padding_ratio(group: bool, batch_size: int) -> float:
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
     task = get_task("sst2")
     data = task.load_data(tok, DataArgs(seed=42))
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(task="sst2", output_dir=tmp, batch_size=batch_size, group_by_length=group)
-        tiny = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1,
-                                                        num_attention_heads=1, intermediate_size=8))
-        trainer = SparseTrainer(recipe=None, teacher=None, model=tiny, args=training_arguments(cfg, tmp, 1.0),
-                                train_dataset=data.train, data_collator=task.data_collator(tok), processing_class=tok)
-        padded = real = 0
-        for batch in trainer.get_train_dataloader():
-            padded += batch["input_ids"].numel()
-            real += int(batch["attention_mask"].sum())
-    return padded / real
+    tiny = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1,
+                                                    num_attention_heads=1, intermediate_size=8))
+    ratios = {}
+    for group in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(task="sst2", output_dir=tmp, batch_size=batch_size, group_by_length=group)
+            trainer = SparseTrainer(recipe=None, teacher=None, model=tiny, args=training_arguments(cfg, tmp, 1.0),
+                                    train_dataset=data.train, data_collator=task.data_collator(tok), processing_class=tok)
+            padded = real = 0
+            for batch in trainer.get_train_dataloader():
+                padded += batch["input_ids"].numel()
+                real += int(batch["attention_mask"].sum())
+        ratios[group] = padded / real
+    return ratios
 
 
 def main() -> None:
@@ -55,7 +60,7 @@ def main() -> None:
     ap.add_argument("--output", default="BENCHMARKS.md")
     args = ap.parse_args()
     (ROOT / "runs" / "logs").mkdir(parents=True, exist_ok=True)
-    ratios = {g: padding_ratio(g, 128) for g in (False, True)}
+    ratios = padding_ratios(128)
     recipe_args = {"num_epochs": 1.0, "prune_end": 0.5, "init_lr": 4e-4, "temperature": 5.5, "global_sparsity": True, "layer_gain": 1.0}
     rows, cmds = {}, []
     for group in (False, True):
@@ -67,7 +72,7 @@ def main() -> None:
         run_logged(cmd, ROOT / "runs" / "logs" / f"group_by_length-{out.name}.log")
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         rows[group] = next(r["train_runtime"] for r in log if "train_runtime" in r)  # the training loop alone
-        cmds.append(" ".join(c if not c.startswith("{") else f"'{c}'" for c in cmd))
+        cmds.append(shlex.join(cmd))
     lines = [
         f"SST-2, packaged tokenizer, seq 128, batch 128, 2 CPU cores. Padding: one epoch of the whole train set (67,349) "
         f"through the trainer's dataloader. Time: {args.steps} training steps of issue 3's student (GMP 80% block4 + logits "
