@@ -172,6 +172,42 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path,
     assert steps[-1] == 8 and 4 in steps  # the resumed run went on from step 3
 
 
+def test_a_signal_after_the_last_step_waits_for_the_metrics(tiny_dir, tmp_path, shared_data, monkeypatch):
+    """A deadline's SIGTERM that lands between the last step and metrics.json (session 14 lost a GPU run's metrics
+    so) is held: the final evaluation and save complete, the run is not marked stopped_early, and only then is the
+    previous handler (a recorder standing in for 'terminate') back."""
+    import os
+    import signal
+
+    from sparsebert.integrations import StopOnSignalCallback
+
+    seen = []
+
+    def recorder(signum, frame):
+        seen.append(signum)
+
+    original = StopOnSignalCallback.on_train_end
+
+    def signal_at_train_end(self, *args, **kw):
+        result = original(self, *args, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(StopOnSignalCallback, "on_train_end", signal_at_train_end)
+    out = tmp_path / "run"
+    before = signal.signal(signal.SIGTERM, recorder)
+    try:
+        code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--max-train-samples", 32,
+                              "--max-eval-samples", 16, "--batch-size", 16, "--epochs", 1, "--output-dir", out)
+        assert code == 0, output
+        assert seen == []  # held by the callback, not passed on mid-save
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert "stopped_early" not in metrics and "accuracy" in metrics["validation"]
+        assert signal.getsignal(signal.SIGTERM) is recorder
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_second_signal_acts_as_before_and_handlers_are_restored():
     """While stopping, a second SIGTERM goes to the previous handler (here a recorder standing in for the default
     'terminate'); restore_handlers() is idempotent."""

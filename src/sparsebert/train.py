@@ -189,34 +189,38 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     trainer.add_callback(JsonlLoggerCallback(out / "train_log.jsonl"))
     if cfg.eval_each_epoch:
         trainer.add_callback(EpochEvalCallback(trainer, task, data))
-    stop = StopOnSignalCallback(trainer.accelerator)  # SIGTERM/SIGUSR1: checkpoint, then finish as below
+    # SIGTERM/SIGUSR1: checkpoint, then finish as below; the handlers stay until metrics.json is written, so a
+    # signal after the last step (a deadline) waits for the final evaluation and save instead of losing them.
+    stop = StopOnSignalCallback(trainer.accelerator, hold_after_train=True)
     trainer.add_callback(stop)
     try:
         train_result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+        train_seconds = time.time() - t0
+
+        metrics: dict[str, Any] = {"task": task.name, "model": model_path, "recipe": cfg.recipe, "teacher": cfg.teacher}
+        for split in data.evals:
+            metrics[split] = task.evaluate(trainer, split, data)
+        metrics.update(
+            encoder_sparsity=round(encoder_linear_sparsity(model), 6),
+            train_wall_seconds=round(train_seconds, 1),
+            train_samples=len(data.train),
+            epochs=epochs,
+            train_loss=train_result.training_loss,
+            data_note=data.note,
+        )
+        if stop.stopped_at is not None:  # evaluated mid-schedule: say so wherever the metrics go
+            metrics["stopped_early"] = stop.stopped_at
+        if trainer.is_world_process_zero():
+            _save_final(trainer, tokenizer, out)
+            trainer.session.save_artifacts(out)  # e.g. quantization.json of QAT
+            if recipe is not None:
+                (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            task.save_predictions(out)
+            write_json_atomic(out / "metrics.json", metrics)
+        if stop.received and stop.stopped_at is None:
+            logger.warning("%s arrived after the last training step: the final evaluation and save ran first", stop.received)
     finally:
         stop.restore_handlers()  # also when training raises (in-process callers keep their handlers)
-    train_seconds = time.time() - t0
-
-    metrics: dict[str, Any] = {"task": task.name, "model": model_path, "recipe": cfg.recipe, "teacher": cfg.teacher}
-    for split in data.evals:
-        metrics[split] = task.evaluate(trainer, split, data)
-    metrics.update(
-        encoder_sparsity=round(encoder_linear_sparsity(model), 6),
-        train_wall_seconds=round(train_seconds, 1),
-        train_samples=len(data.train),
-        epochs=epochs,
-        train_loss=train_result.training_loss,
-        data_note=data.note,
-    )
-    if stop.stopped_at is not None:  # evaluated mid-schedule: say so wherever the metrics go
-        metrics["stopped_early"] = stop.stopped_at
-    if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, out)
-        trainer.session.save_artifacts(out)  # e.g. quantization.json of QAT
-        if recipe is not None:
-            (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        task.save_predictions(out)
-        write_json_atomic(out / "metrics.json", metrics)
     shutdown_distributed()
     return metrics
 

@@ -88,22 +88,27 @@ class StopOnSignalCallback(TrainerCallback):
 
     A second signal while stopping restores the previous handler and re-raises, so it acts as before
     (SIGTERM's default: terminate at once). Handlers are installed at ``on_train_begin`` and the previous
-    ones restored at ``on_train_end``; call :meth:`restore_handlers` in a ``finally`` when training may
-    raise. Off the main thread (where Python allows no handlers) the callback does nothing. Under
-    torch.distributed the processes agree through ``accelerator.set_trigger``/``check_trigger``, one
+    ones restored at ``on_train_end``, or, with ``hold_after_train``, only when the caller calls
+    :meth:`restore_handlers` (in a ``finally``, after its final evaluation and saving): a signal that
+    arrives after the last step then waits until the outputs are written instead of killing the
+    process between the last step and ``metrics.json``. Call :meth:`restore_handlers` in a ``finally``
+    when training may raise. Off the main thread (where Python allows no handlers) the callback does
+    nothing. Under torch.distributed the processes agree through ``accelerator.set_trigger``/``check_trigger``, one
     small all-reduce every ``sync_every`` steps (a signal to any rank stops all); a single process
     checks its own flag every step at no cost.
 
     Args:
         accelerator: the Trainer's ``accelerate.Accelerator`` (``trainer.accelerator``).
         sync_every: steps between the cross-process checks under torch.distributed.
+        hold_after_train: keep the handlers past ``on_train_end`` until :meth:`restore_handlers`.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self, accelerator, sync_every: int = 10):
+    def __init__(self, accelerator, sync_every: int = 10, hold_after_train: bool = False):
         self.accelerator = accelerator
         self.sync_every = max(int(sync_every), 1)
+        self.hold_after_train = hold_after_train
         self.received: str | None = None
         self.stopped_at: dict | None = None
         self._previous: dict = {}
@@ -147,7 +152,8 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.restore_handlers()
+        if not self.hold_after_train:
+            self.restore_handlers()
 
 
 class JsonlLoggerCallback(TrainerCallback):
