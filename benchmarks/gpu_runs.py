@@ -389,7 +389,10 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     # -2.34 F1 without the term), started as soon as squad-dense is done, as in session 9.
     jobs += [gmp(f"s10-gmp-layerwise-seed{seed}", seed, 9, 4.5, recipe="gmp80-block4-kd-layerwise",
                  extra={"layer_gain": 1.0}) for seed in (42, 1, 2, 3)]
-    # Next in line (session 12): session 11's four SST-2 per-layer students were killed at epoch ~7.2 of 9 (six runs
+    # Run in session 14 (H200, budget 560: 97 s teacher, then 417-420 s of training each with the four sharing the GPU
+    # at ~11.5 steps/s; 88.69 +- 0.24 over the three that finished, -0.31 vs the teacher). Next in line for issue 4:
+    # --only sst2b128-dense squad-dense s10-squad-obs-lr8e-4 (oBERT at 8e-4, above).
+    # Queued in session 11 for session 12: session 11's four SST-2 per-layer students were killed at epoch ~7.2 of 9 (six runs
     # shared the GPU, ~8.5 steps/s each; at epoch 7 they led their logits-KD pairs by +1.06 on average). Again
     # without the SQuAD runs (the term did not help there), so that the four fit: --only sst2b128-dense
     # s10-gmp-layerwise-seed42 s10-gmp-layerwise-seed1 s10-gmp-layerwise-seed2 s10-gmp-layerwise-seed3 --grace 25,
