@@ -99,8 +99,8 @@ class Scheduler:
                     job.wall = time.monotonic() - job.start
                     job.status = "ok" if job.proc.returncode == 0 else "failed"
                     mpath = self.work / job.name / "metrics.json"
-                    if job.signalled and job.status == "ok" and mpath.is_file() and "stopped_early" in json.loads(mpath.read_text()):
-                        job.status = "stopped"
+                    if job.signalled and mpath.is_file():  # a run killed after writing its metrics is complete
+                        job.status = "stopped" if "stopped_early" in json.loads(mpath.read_text()) else "ok"
                     print(f"[{time.monotonic() - self.t0:6.0f}s] {job.status} {job.name} ({job.wall:.0f}s)", flush=True)
                     if job.status == "failed":
                         print((self.work / f"{job.name}.log").read_text()[-3000:], flush=True)
