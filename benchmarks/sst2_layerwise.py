@@ -88,6 +88,8 @@ def main() -> None:
     ]
     for label, m, _, _ in rows:
         acc = 100 * m["validation"]["accuracy"]
+        if m.get("stopped_early"):  # SIGTERM before the end: a mid-schedule number
+            label += f" (**stopped at epoch {m['stopped_early']['epoch']:g}** of {m['epochs']:g})"
         lines.append(f"| {label} | {acc:.2f} | {acc - teacher:+.2f} | {100 * m['encoder_sparsity']:.2f}% | {m['epochs']:g} | "
                      f"{m['train_wall_seconds'] / 60:.1f} min |")
     lines += ["", "Dev accuracy at each epoch end: " + "; ".join(f"{label}: " + ", ".join(f"{a:.2f}" for a in curve)
