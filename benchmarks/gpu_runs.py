@@ -390,11 +390,10 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     jobs += [gmp(f"s10-gmp-layerwise-seed{seed}", seed, 9, 4.5, recipe="gmp80-block4-kd-layerwise",
                  extra={"layer_gain": 1.0}) for seed in (42, 1, 2, 3)]
     # Run in session 14 (H200, budget 560: 97 s teacher, then 417-420 s of training each with the four sharing the GPU
-    # at ~11.5 steps/s; 88.69 +- 0.24 over the three that finished, -0.31 vs the teacher). Next in line for issue 4:
-    # --only sst2b128-dense squad-dense s10-squad-obs-lr8e-4 (oBERT at 8e-4, above).
-    # Issue 4, GMP as the issue names it: on SST-2 global ranking + T 5.5 added ~0.5-0.9 at 4e-4 and was part of
-    # the setting that met issue 3; SQuAD's GMP never ranked globally (session 9: -6.83 F1 at 4e-4, 12 epochs, per
-    # layer). Run with the oBERT one above: --only sst2b128-dense squad-dense s10-squad-obs-lr8e-4 s14-squad-gmp-global
+    # at ~11.5 steps/s; 88.69 +- 0.24 over the three that finished, -0.31 vs the teacher).
+    # Next in line (issue 4): --only sst2b128-dense squad-dense s10-squad-obs-lr8e-4 s14-squad-gmp-global. oBERT at 8e-4
+    # (above), and GMP as the issue names it with global ranking: on SST-2 global ranking + T 5.5 added ~0.5-0.9 at
+    # 4e-4 and was part of the setting that met issue 3; SQuAD's GMP never ranked globally (session 9: -6.83 F1).
     jobs.append(Job("s14-squad-gmp-global", squad_student(w, few, smoke, "gmp80-block4-kd", 4e-4, lo=6, epochs=12,
                                                           extra={"global_sparsity": True}), deps=("squad-dense",)))
     # Queued in session 11 for session 12: session 11's four SST-2 per-layer students were killed at epoch ~7.2 of 9 (six runs

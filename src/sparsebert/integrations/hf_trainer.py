@@ -93,9 +93,9 @@ class StopOnSignalCallback(TrainerCallback):
     arrives after the last step then waits until the outputs are written instead of killing the
     process between the last step and ``metrics.json``. Call :meth:`restore_handlers` in a ``finally``
     when training may raise. Off the main thread (where Python allows no handlers) the callback does
-    nothing. Under torch.distributed the processes agree through ``accelerator.set_trigger``/``check_trigger``, one
-    small all-reduce every ``sync_every`` steps (a signal to any rank stops all); a single process
-    checks its own flag every step at no cost.
+    nothing. Under torch.distributed the processes agree through ``accelerator.set_trigger`` /
+    ``check_trigger``, one small all-reduce every ``sync_every`` steps (a signal to any rank stops
+    all); a single process checks its own flag every step at no cost.
 
     Args:
         accelerator: the Trainer's ``accelerate.Accelerator`` (``trainer.accelerator``).
