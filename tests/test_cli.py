@@ -278,7 +278,8 @@ def test_bad_inputs_fail_clearly(tiny_dir, tmp_path, shared_data):
     assert code == 2 and "num_labels" in output
 
 
-def test_squad_train_through_cli(tmp_path, shared_data):
+@pytest.mark.parametrize("padding", [[], ["--no-pad-to-max-length", "--group-by-length"]], ids=["padded", "dynamic"])
+def test_squad_train_through_cli(tmp_path, shared_data, padding):
     from transformers import BertForQuestionAnswering
 
     from sparsebert.models import default_model_path
@@ -293,7 +294,7 @@ def test_squad_train_through_cli(tmp_path, shared_data):
     recipe.write_text(QA_RECIPE)
     out = tmp_path / "qa"
     code, output = invoke("train", "--task", "squad", "--model", tiny, "--teacher", tiny, "--recipe", recipe, "--epochs", 1,
-                          "--max-seq-length", 128, "--doc-stride", 32, "--max-train-samples", 24, "--max-eval-samples", 12, "--output-dir", out)
+                          "--max-seq-length", 128, "--doc-stride", 32, "--max-train-samples", 24, "--max-eval-samples", 12, "--output-dir", out, *padding)
     assert code == 0, output
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["validation"]) == {"exact_match", "f1"} and "dev articles" in metrics["data_note"]

@@ -270,3 +270,49 @@ def test_tiny_model_end_to_end(tmp_path, tokenizer):
     out = write_predictions(preds, tmp_path / "pred" / "predictions.json")
     assert json.loads(out.read_text(encoding="utf-8")) == preds
     assert task.distill_output_keys == ("start_logits", "end_logits")
+
+
+# ----------------------------------------------------------------------------- dynamic padding
+def test_unpadded_windows_match_padded_ones(tokenizer, dev_json):
+    """--no-pad-to-max-length keeps every window, answer position and offset; only the padding goes."""
+    paragraphs = [{"title": a["title"], "paragraphs": [p]} for a in dev_json["data"][:2] for p in a["paragraphs"][:6]]
+    batch = flatten_squad(paragraphs)[:]
+    kw = dict(max_seq_length=128, doc_stride=32)
+    padded, unpadded = (prepare_train_features(batch, tokenizer, **kw, pad_to_max_length=p) for p in (True, False))
+    assert len(padded["input_ids"]) == len(unpadded["input_ids"])
+    lengths = [len(ids) for ids in unpadded["input_ids"]]
+    assert max(lengths) <= 128 and min(lengths) < 128  # some windows are shorter than max_seq_length
+    for w, ids in enumerate(unpadded["input_ids"]):
+        assert padded["input_ids"][w] == ids + [tokenizer.pad_token_id] * (128 - len(ids))
+    assert padded["start_positions"] == unpadded["start_positions"]
+    assert padded["end_positions"] == unpadded["end_positions"]
+    ev_padded, ev_unpadded = (prepare_eval_features(batch, tokenizer, **kw, pad_to_max_length=p) for p in (True, False))
+    for a, b in zip(ev_padded["offset_mapping"], ev_unpadded["offset_mapping"]):
+        assert a[:len(b)] == b and all(o is None for o in a[len(b):])
+
+
+def test_dynamic_padding_gives_the_same_predictions(tmp_path, tokenizer):
+    """A model scores the same answers whether its eval windows are padded to max_seq_length or per batch."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering, Trainer, TrainingArguments
+
+    dev_file = tmp_path / "dev.json"
+    dev_file.write_text(json.dumps(_tiny_squad(3, offset=2)))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = BertForQuestionAnswering(config).eval()
+    results = {}
+    for pad in (True, False):
+        task = SquadTask()
+        data = task.load_data(tokenizer, DataArgs(validation_file=str(dev_file), split_by_article="0:3",
+                                                  max_seq_length=48, doc_stride=16, pad_to_max_length=pad),
+                              need_train=False)
+        lengths = {len(ids) for ids in data.evals["validation"]["input_ids"]}
+        assert (lengths == {48}) == pad and (pad or len(lengths) > 1)
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{pad}"), per_device_eval_batch_size=5,
+                                 report_to="none", use_cpu=True, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, data_collator=task.data_collator(tokenizer))
+        results[pad] = (task.evaluate(trainer, "validation", data), task.last_predictions["validation"])
+    assert results[True] == results[False]
+    assert any(results[True][1].values())  # non-empty answers were compared

@@ -53,8 +53,8 @@ class EnginePredictor:
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate along rows, padding QA ``[n, seq]`` outputs of different ``seq`` with -inf... never
-    chosen as a span (SQuAD features are padded to one length, so this is a safeguard)."""
+    """Concatenate along rows, padding QA ``[n, seq]`` outputs of different ``seq`` with -1e4 (never
+    chosen as a span; batches differ in ``seq`` when SQuAD windows are not padded to max_seq_length)."""
     width = max(p.shape[1] for p in parts) if parts[0].ndim == 2 else None
     if width is not None and any(p.shape[1] != width for p in parts):
         parts = [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1e4) for p in parts]

@@ -55,6 +55,9 @@ class DataArgs:
         doc_stride: SQuAD window overlap (tokens).
         split_by_article: SQuAD ``"TRAIN:EVAL"`` article counts to split one file.
         streaming: MLM: read, tokenise and pack the training corpus lazily (needs ``max_train_samples``).
+        pad_to_max_length: SQuAD: pad every window to ``max_seq_length`` (``run_qa.py``'s default);
+            ``False`` pads each batch to its longest window (SQuAD windows average ~45% of 384 tokens,
+            so CPU training is ~3x faster; the loss then has no padding positions in its softmax).
     """
 
     data_dir: str | None = None
@@ -67,6 +70,7 @@ class DataArgs:
     doc_stride: int = 128
     split_by_article: str | None = None
     streaming: bool = False
+    pad_to_max_length: bool = True
 
 
 @dataclasses.dataclass

@@ -149,7 +149,7 @@ def flatten_squad(articles: list[dict]):
     return Dataset.from_dict(rows, features=features)
 
 
-def _tokenize_windows(examples: dict, tokenizer, max_seq_length: int, doc_stride: int):
+def _tokenize_windows(examples: dict, tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool = True):
     """Tokenize question/context pairs into overlapping windows (``run_qa.py`` settings)."""
     pad_on_right = tokenizer.padding_side == "right"
     questions = [q.lstrip() for q in examples["question"]]
@@ -159,14 +159,16 @@ def _tokenize_windows(examples: dict, tokenizer, max_seq_length: int, doc_stride
         contexts if pad_on_right else questions,
         truncation="only_second" if pad_on_right else "only_first",
         max_length=max_seq_length, stride=doc_stride, return_overflowing_tokens=True,
-        return_offsets_mapping=True, padding="max_length",
+        return_offsets_mapping=True, padding="max_length" if pad_to_max_length else False,
     ), (1 if pad_on_right else 0)
 
 
-def prepare_train_features(examples: dict, tokenizer, max_seq_length: int, doc_stride: int) -> dict:
+def prepare_train_features(examples: dict, tokenizer, max_seq_length: int, doc_stride: int,
+                           pad_to_max_length: bool = True) -> dict:
     """Batched ``Dataset.map`` function: windows with answer token positions.
 
-    Each example becomes one or more windows of ``max_seq_length`` tokens (padded), whose
+    Each example becomes one or more windows of at most ``max_seq_length`` tokens (padded to it
+    when ``pad_to_max_length``, else left for the collator to pad), whose
     contexts overlap by ``doc_stride`` tokens. ``start_positions``/``end_positions`` are the
     token indices of the first answer's first/last token; a window that does not contain
     the whole answer points both at the CLS token (index 0 for BERT).
@@ -176,7 +178,7 @@ def prepare_train_features(examples: dict, tokenizer, max_seq_length: int, doc_s
     tokenizer outputs (``input_ids``, ``attention_mask``, ``token_type_ids`` if the tokenizer
     makes them) plus ``start_positions`` and ``end_positions`` (int token indices).
     """
-    enc, context_id = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride)
+    enc, context_id = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
     sample_map = enc.pop("overflow_to_sample_mapping")
     offset_mapping = enc.pop("offset_mapping")
     enc["start_positions"], enc["end_positions"] = [], []
@@ -197,14 +199,16 @@ def prepare_train_features(examples: dict, tokenizer, max_seq_length: int, doc_s
     return enc
 
 
-def prepare_eval_features(examples: dict, tokenizer, max_seq_length: int, doc_stride: int) -> dict:
+def prepare_eval_features(examples: dict, tokenizer, max_seq_length: int, doc_stride: int,
+                          pad_to_max_length: bool = True) -> dict:
     """Batched ``Dataset.map`` function: windows that remember their example and offsets.
 
+    Windows as in :func:`prepare_train_features` (padded to ``max_seq_length`` or not).
     Returns the tokenizer outputs plus ``example_id`` (the question id, str) and
     ``offset_mapping``: per token a ``(char_start, char_end)`` pair into the context, or
     ``None`` for question, special and padding tokens.
     """
-    enc, context_id = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride)
+    enc, context_id = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
     sample_map = enc.pop("overflow_to_sample_mapping")
     enc["example_id"] = []
     for i in range(len(enc["input_ids"])):
@@ -298,10 +302,11 @@ class SquadTask(Task):
         return AutoModelForQuestionAnswering.from_pretrained(model_name_or_path, **kwargs)
 
     def data_collator(self, tokenizer):
-        """``default_data_collator``: features are already padded to ``max_seq_length``."""
-        from transformers import default_data_collator
+        """``DataCollatorWithPadding``: pads a batch to its longest window (a no-op on windows
+        already padded to ``max_seq_length``, see ``DataArgs.pad_to_max_length``)."""
+        from transformers import DataCollatorWithPadding
 
-        return default_data_collator
+        return DataCollatorWithPadding(tokenizer)
 
     def load_data(self, tokenizer, args: DataArgs, need_train: bool = True) -> TaskData:
         """Load, split, sub-sample and tokenize SQuAD.
@@ -332,13 +337,15 @@ class SquadTask(Task):
             train = raw_train.map(prepare_train_features, batched=True,
                                   remove_columns=raw_train.column_names,
                                   fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=max_len,
-                                                 doc_stride=args.doc_stride))
+                                                 doc_stride=args.doc_stride,
+                                                 pad_to_max_length=args.pad_to_max_length))
         if args.max_eval_samples is not None:
             raw_eval = raw_eval.select(range(min(args.max_eval_samples, len(raw_eval))))
         evals = raw_eval.map(prepare_eval_features, batched=True,
                              remove_columns=raw_eval.column_names,
                              fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=max_len,
-                                            doc_stride=args.doc_stride))
+                                            doc_stride=args.doc_stride,
+                                            pad_to_max_length=args.pad_to_max_length))
         return TaskData(train=train, evals={"validation": evals},
                         raw_evals={"validation": raw_eval}, note=note)
 
