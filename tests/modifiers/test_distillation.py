@@ -40,6 +40,47 @@ def test_distillation_modifier_combines_losses(tiny_model):
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_kd_loss_leaves_absent_classes_out():
+    """``classes`` (QA: the real tokens of a window) drops padding from both softmaxes, row by row."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6), torch.randn(2, 6)
+    real = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    expected = (kd_loss(s[:1, :4], t[:1, :4], 5.5) + kd_loss(s[1:], t[1:], 5.5)) / 2
+    assert kd_loss(s, t, 5.5, classes=real).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kd_loss(s, t, 5.5).item() != pytest.approx(expected.item(), rel=1e-3)  # padding counted
+    wild = s.clone()
+    wild[0, 4:] = 1e3  # whatever a student puts on padding costs nothing
+    assert kd_loss(wild, t, 5.5, classes=real).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_qa_distillation_skips_padding_positions(mask_padding):
+    """Start/end logits of the batch's shape: the attention mask's padding is left out (unless
+    ``mask_padding: false``, SparseML's loss over every position)."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    student, teacher = BertForQuestionAnswering(config), BertForQuestionAnswering(config)
+    recipe = ("modifiers:\n  - !DistillationModifier\n    hardness: 1.0\n    temperature: 5.5\n"
+              f"    distill_output_keys: [start_logits, end_logits]\n    mask_padding: {str(mask_padding).lower()}\n")
+    session = RecipeSession(recipe, student, teacher=teacher)
+    session.start(10)
+    attention = torch.tensor([[1] * 9 + [0] * 3, [1] * 12])
+    x = {"input_ids": torch.randint(1, 120, (2, 12)) * attention, "attention_mask": attention,
+         "start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])}
+    out = student(**x)
+    with torch.no_grad():
+        t_out = teacher(input_ids=x["input_ids"], attention_mask=attention)
+    classes = attention.bool() if mask_padding else None
+    expected = (kd_loss(out.start_logits, t_out.start_logits, 5.5, classes=classes)
+                + kd_loss(out.end_logits, t_out.end_logits, 5.5, classes=classes)) / 2
+    assert session.modify_loss(out.loss, out, x).item() == pytest.approx(expected.item(), rel=1e-5)
+    unmasked = (kd_loss(out.start_logits, t_out.start_logits, 5.5) + kd_loss(out.end_logits, t_out.end_logits, 5.5)) / 2
+    assert (expected.item() == pytest.approx(unmasked.item(), rel=1e-4)) is not mask_padding
+
+
 # -- per-layer (feature) distillation ---------------------------------------------------------
 
 from sparsebert.modifiers import feature_distance  # noqa: E402
