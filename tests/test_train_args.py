@@ -32,3 +32,23 @@ def test_group_by_length_cuts_padding_on_real_sst2(group, minilm_path, shared_da
         assert ratio < 1.3, ratio
     else:
         assert ratio > 2.5, ratio
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_eval_keeps_the_dataset_order(group, tmp_path, tiny_model):
+    """Eval/predict batches come in dataset order, length-grouped training or not: SQuAD's post-processing
+    maps prediction i to window i (transformers 5 length-groups eval batches under group_by_length)."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding
+
+    from sparsebert.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    lengths = [3 + (7 * i) % 40 for i in range(200)]
+    ds = Dataset.from_dict({"input_ids": [[101] + [1000 + i] * (n - 2) + [102] for i, n in enumerate(lengths)],
+                            "labels": list(range(200))})
+    cfg = TrainConfig(task="sst2", output_dir=str(tmp_path), batch_size=8, group_by_length=group)
+    trainer = SparseTrainer(recipe=None, teacher=None, model=tiny_model, args=training_arguments(cfg, tmp_path, epochs=1.0),
+                            train_dataset=ds, data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+    order = [int(x) for batch in trainer.get_eval_dataloader(ds) for x in batch["labels"]]
+    assert order == list(range(200))

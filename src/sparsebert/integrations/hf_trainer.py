@@ -249,6 +249,16 @@ class RecipeTrainerMixin:
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def _get_eval_sampler(self, eval_dataset):
+        """The dataset's own order for eval/predict, also under ``group_by_length``: transformers 5
+        length-groups eval batches too, which reorders the predictions, and SQuAD's post-processing
+        maps prediction ``i`` to window ``i`` (it read F1 4.9 instead of ~66 for a good model)."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``Trainer.train`` that also restores modifier state (masks) from the checkpoint."""
         if resume_from_checkpoint is True:
