@@ -51,6 +51,9 @@ def test_kd_loss_leaves_absent_classes_out():
     wild = s.clone()
     wild[0, 4:] = 1e3  # whatever a student puts on padding costs nothing
     assert kd_loss(wild, t, 5.5, classes=real).item() == pytest.approx(expected.item(), rel=1e-5)
+    # with rows selected too (mask), each kept row keeps its own classes
+    assert kd_loss(s, t, 5.5, torch.tensor([True, False]), real).item() == pytest.approx(
+        kd_loss(s[:1, :4], t[:1, :4], 5.5).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("mask_padding", [True, False])

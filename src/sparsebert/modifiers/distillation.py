@@ -48,14 +48,15 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ma
         return F.mse_loss(student.float(), teacher.float())
     s = student.reshape(-1, student.shape[-1])
     t = teacher.reshape(-1, teacher.shape[-1])
+    absent = None if classes is None else ~classes.reshape(-1, classes.shape[-1]).bool()
     if mask is not None:
         keep = mask.reshape(-1)
         if not keep.any():
             return student.sum() * 0.0  # keeps the graph; batchmean over 0 rows would be nan
         s, t = s[keep], t[keep]  # before .float(): [B*L, V] MLM logits are large
+        absent = None if absent is None else absent[keep]
     s, t = s.float(), t.float()
-    if classes is not None:  # absent classes get probability 0 in both (exp(-1e4 / T) == 0 in float32)
-        absent = ~classes.reshape(-1, classes.shape[-1])
+    if absent is not None:  # absent classes get probability 0 in both (exp(-1e4 / T) == 0 in float32)
         s, t = s.masked_fill(absent, -1e4 * temperature), t.masked_fill(absent, -1e4 * temperature)
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t / temperature, dim=-1)
