@@ -1,5 +1,6 @@
-"""Shared by the benchmark scripts: run a logged CLI command, and write results into BENCHMARKS.md
-between a benchmark's own markers (replacing an older run)."""
+"""Shared by the benchmark scripts: run a logged CLI command, measure the padding of a training
+dataloader, and write results into BENCHMARKS.md between a benchmark's own markers (replacing an
+older run)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,24 @@ def write_section(path: Path, name: str, title: str, body: str) -> str:
         text += f"\n## {title}\n\n{block}\n"
     path.write_text(text)
     return block
+
+
+def train_padding_ratio(task, tokenizer, model, train_dataset, batch_size: int, group_by_length: bool) -> float:
+    """Padded / real tokens over one epoch of ``train_dataset`` as ``sparsebert train`` batches it
+    (the trainer's own dataloader and the task's collator; ``model`` is only needed to build the
+    trainer and never runs)."""
+    import tempfile
+
+    from sparsebert.integrations import SparseTrainer
+    from sparsebert.train import TrainConfig, training_arguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(task=task.name, output_dir=tmp, batch_size=batch_size, group_by_length=group_by_length)
+        trainer = SparseTrainer(recipe=None, teacher=None, model=model, args=training_arguments(cfg, tmp, 1.0),
+                                train_dataset=train_dataset, data_collator=task.data_collator(tokenizer),
+                                processing_class=tokenizer)
+        padded = real = 0
+        for batch in trainer.get_train_dataloader():
+            padded += batch["input_ids"].numel()
+            real += int(batch["attention_mask"].sum())
+    return padded / real

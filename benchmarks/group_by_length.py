@@ -19,9 +19,8 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 
-from _report import ROOT, run_logged, write_section
+from _report import ROOT, run_logged, train_padding_ratio, write_section
 
 
 def padding_ratios(batch_size: int) -> dict[bool, float]:
@@ -29,28 +28,15 @@ def padding_ratios(batch_size: int) -> dict[bool, float]:
     whether batches are length-grouped. The data is read and tokenized once for both."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from sparsebert.integrations import SparseTrainer
     from sparsebert.models import resolve_model
     from sparsebert.tasks import DataArgs, get_task
-    from sparsebert.train import TrainConfig, training_arguments
 
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
     task = get_task("sst2")
     data = task.load_data(tok, DataArgs(seed=42))
     tiny = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1,
                                                     num_attention_heads=1, intermediate_size=8))
-    ratios = {}
-    for group in (False, True):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(task="sst2", output_dir=tmp, batch_size=batch_size, group_by_length=group)
-            trainer = SparseTrainer(recipe=None, teacher=None, model=tiny, args=training_arguments(cfg, tmp, 1.0),
-                                    train_dataset=data.train, data_collator=task.data_collator(tok), processing_class=tok)
-            padded = real = 0
-            for batch in trainer.get_train_dataloader():
-                padded += batch["input_ids"].numel()
-                real += int(batch["attention_mask"].sum())
-        ratios[group] = padded / real
-    return ratios
+    return {group: train_padding_ratio(task, tok, tiny, data.train, batch_size, group) for group in (False, True)}
 
 
 def main() -> None:

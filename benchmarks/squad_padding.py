@@ -22,39 +22,27 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 import time
 
-from _report import ROOT, run_logged, write_section
+from _report import ROOT, run_logged, train_padding_ratio, write_section
 
 
 def padding_ratios(batch_size: int) -> dict[str, float]:
     """Padded / real tokens of one epoch of the 36:12 split's training windows, by padding mode."""
     from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
-    from sparsebert.integrations import SparseTrainer
     from sparsebert.models import resolve_model
     from sparsebert.tasks import DataArgs, get_task
-    from sparsebert.train import TrainConfig, training_arguments
 
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
     tiny = BertForQuestionAnswering(BertConfig(vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1,
                                                num_attention_heads=1, intermediate_size=8, max_position_embeddings=512))
-    ratios = {}
-    for name, pad, group in (("padded to 384", True, False), ("per batch, random batches", False, False),
-                             ("per batch, length-grouped (`--group-by-length`)", False, True)):
-        task = get_task("squad")
-        data = task.load_data(tok, DataArgs(max_seq_length=384, split_by_article="36:12", pad_to_max_length=pad))
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(task="squad", output_dir=tmp, batch_size=batch_size, group_by_length=group)
-            trainer = SparseTrainer(recipe=None, teacher=None, model=tiny, args=training_arguments(cfg, tmp, 1.0),
-                                    train_dataset=data.train, data_collator=task.data_collator(tok), processing_class=tok)
-            padded = real = 0
-            for batch in trainer.get_train_dataloader():
-                padded += batch["input_ids"].numel()
-                real += int(batch["attention_mask"].sum())
-        ratios[name] = padded / real
-    return ratios
+    task = get_task("squad")
+    windows = {pad: task.load_data(tok, DataArgs(max_seq_length=384, split_by_article="36:12", pad_to_max_length=pad)).train
+               for pad in (True, False)}
+    return {name: train_padding_ratio(task, tok, tiny, windows[pad], batch_size, group)
+            for name, pad, group in (("padded to 384", True, False), ("per batch, random batches", False, False),
+                                     ("per batch, length-grouped (`--group-by-length`)", False, True))}
 
 
 def main() -> None:

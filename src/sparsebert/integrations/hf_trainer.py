@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, has_length
 
 from ..session import RecipeSession
 
@@ -255,7 +255,7 @@ class RecipeTrainerMixin:
         maps prediction ``i`` to window ``i`` (it read F1 4.9 instead of ~66 for a good model)."""
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_eval_sampler(eval_dataset)
-        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+        if eval_dataset is None or not has_length(eval_dataset):
             return None
         return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
