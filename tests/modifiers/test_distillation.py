@@ -213,3 +213,132 @@ def test_loss_terms_are_logged_as_means_since_the_last_log(tiny_model):
     for name, values in seen.items():
         assert logs[f"loss/{name}"] == pytest.approx(sum(values) / 3, rel=1e-4), name
     assert not any(k.startswith("loss/") for k in session.log_values())  # reset after each log
+
+
+# -- teacher output cache ------------------------------------------------------------------
+
+def _qa_pair():
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(4)
+    config = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    return BertForQuestionAnswering(config), BertForQuestionAnswering(config)
+
+
+def _qa_recipe(cache: bool, mask_padding: bool = True) -> str:
+    return ("modifiers:\n  - !DistillationModifier\n    hardness: 1.0\n    temperature: 5.5\n"
+            "    distill_output_keys: [start_logits, end_logits]\n"
+            f"    mask_padding: {str(mask_padding).lower()}\n    cache_teacher_outputs: {str(cache).lower()}\n")
+
+
+def _batch(windows: list[torch.Tensor], length: int) -> dict:
+    """Windows (1-D token ids) right-padded to ``length``, as DataCollatorWithPadding pads them."""
+    ids = torch.zeros(len(windows), length, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, w in enumerate(windows):
+        ids[i, :len(w)], attention[i, :len(w)] = w, 1
+    return {"input_ids": ids, "attention_mask": attention, "token_type_ids": (ids % 2) * attention,
+            "start_positions": torch.zeros(len(windows), dtype=torch.long),
+            "end_positions": torch.ones(len(windows), dtype=torch.long)}
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_cached_teacher_outputs_give_the_same_kd_loss(mask_padding):
+    """Epoch 2 regroups the windows into batches of other padded lengths: with ``mask_padding`` the
+    teacher is not run again and the KD loss equals the uncached one; without it (padding positions
+    count, and the cache has no teacher values there) only the unpadded batch comes from the cache."""
+    student, teacher = _qa_pair()
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(5)
+    windows = [torch.randint(1, 120, (n,)) for n in (5, 9, 12, 7)]
+    epoch1 = [_batch(windows[:2], 9), _batch(windows[2:], 12)]
+    epoch2 = [_batch([windows[3], windows[0]], 7), _batch([windows[1]], 9), _batch([windows[2]], 16)]
+    cached = RecipeSession(_qa_recipe(True, mask_padding), student, teacher=teacher)
+    plain = RecipeSession(_qa_recipe(False, mask_padding), student, teacher=teacher)
+    for s in (cached, plain):
+        s.start(10)
+    for epoch, batches in enumerate((epoch1, epoch2)):
+        for x in batches:
+            out = student(**x)
+            before = len(calls)
+            got = cached.modify_loss(out.loss, out, x)
+            teacher_ran = len(calls) > before
+            assert got.item() == pytest.approx(plain.modify_loss(out.loss, out, x).item(), rel=1e-5, abs=1e-6)
+            padded = not bool(x["attention_mask"].all())
+            assert teacher_ran == (epoch == 0 or (padded and not mask_padding))
+
+
+def test_cached_teacher_outputs_for_sequence_classification(tiny_model):
+    from transformers import BertForSequenceClassification
+
+    teacher = BertForSequenceClassification(tiny_model.config)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    recipe = "modifiers:\n  - !DistillationModifier\n    hardness: 0.5\n    temperature: 2.0\n    cache_teacher_outputs: true\n"
+    session = RecipeSession(recipe, tiny_model, teacher=teacher)
+    session.start(10)
+    torch.manual_seed(6)
+    ids = torch.randint(1, 120, (4, 6))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=x["attention_mask"]).logits
+    calls.clear()
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):  # epoch 2: another order, all from the cache
+        xb = {k: v[order] for k, v in x.items()}
+        out = tiny_model(**xb)
+        expected = 0.5 * out.loss + 0.5 * kd_loss(out.logits, t_logits[order], 2.0)
+        assert session.modify_loss(out.loss, out, xb).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert len(calls) == 1
+
+
+def test_cached_teacher_outputs_refuse_masked_lm_inputs():
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    student, teacher = BertForMaskedLM(config), BertForMaskedLM(config)
+    recipe = "modifiers:\n  - !DistillationModifier\n    hardness: 1.0\n    cache_teacher_outputs: true\n"
+    session = RecipeSession(recipe, student, teacher=teacher)
+    session.start(10)
+    ids = torch.randint(1, 120, (2, 6))
+    x = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
+    x["labels"][:, 2] = ids[:, 2]
+    out = student(**x)
+    with pytest.raises(RecipeError, match="cache_teacher_outputs"):
+        session.modify_loss(out.loss, out, x)
+
+
+def test_cached_teacher_outputs_in_the_trainer_loop(tmp_path, tiny_model):
+    """Two epochs through SparseTrainer (length-grouped, per-batch padding): with the cache the teacher
+    runs in epoch 1 only, and the training losses are those of the uncached run."""
+    import copy
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
+
+    from sparsebert.integrations import SparseTrainer
+    from sparsebert.models import default_model_path
+    from sparsebert.train import TrainConfig, training_arguments
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(7)
+    lengths = [4 + (5 * i) % 23 for i in range(40)]
+    ds = Dataset.from_dict({"input_ids": [torch.randint(1, 120, (n,)).tolist() for n in lengths],  # tiny vocab
+                            "labels": [i % 2 for i in range(40)]})
+    teacher = BertForSequenceClassification(tiny_model.config)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    losses = {}
+    for cache in (False, True):
+        calls.clear()
+        cfg = TrainConfig(task="sst2", output_dir=str(tmp_path / str(cache)), batch_size=8, group_by_length=True, logging_steps=1)
+        recipe = ("modifiers:\n  - !DistillationModifier\n    hardness: 1.0\n    temperature: 2.0\n"
+                  f"    cache_teacher_outputs: {str(cache).lower()}\n")
+        trainer = SparseTrainer(recipe=recipe, teacher=teacher, model=copy.deepcopy(tiny_model),
+                                args=training_arguments(cfg, tmp_path / str(cache), epochs=2.0), train_dataset=ds,
+                                data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+        trainer.train()
+        losses[cache] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        assert len(calls) == (5 if cache else 10)
+    assert len(losses[True]) == 10 and losses[True] == pytest.approx(losses[False], rel=1e-4)

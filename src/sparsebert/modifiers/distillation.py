@@ -9,18 +9,22 @@ Prune OFA's student pruning) only the positions whose label is not -100 (the mas
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import logging
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
+from pydantic import PrivateAttr, field_validator
 
 from .base import Modifier, ModifierState
 
-__all__ = ["DistillationModifier", "freeze_teacher", "kd_loss", "teacher_forward"]
+__all__ = ["DistillationModifier", "TeacherOutputCache", "freeze_teacher", "kd_loss", "teacher_forward"]
 
 # batch keys that carry targets, not inputs: the teacher must not see them
 _TARGET_KEYS = ("labels", "start_positions", "end_positions", "next_sentence_label")
+logger = logging.getLogger(__name__)
+_PER_POSITION_KEYS = ("start_logits", "end_logits")  # [B, L] outputs: one value per token (QA spans)
 IGNORE_INDEX = -100  # label of positions a Hugging Face loss skips (CrossEntropyLoss ignore_index)
 
 
@@ -95,6 +99,100 @@ def teacher_forward(state: ModifierState, inputs: dict, input_keys: list[str] | 
     return out
 
 
+class TeacherOutputCache:
+    """The teacher's outputs per training example, computed once and reused in later epochs.
+
+    A frozen teacher in eval mode gives the same outputs for the same input, so for a fixed
+    training set (GLUE sentences, SQuAD windows) its forward pass -- about a quarter of a KD step's
+    compute -- is needed once per example, not once per epoch (TextBrewer's ``is_caching_logits``).
+    An example is keyed by a 16-byte BLAKE2 digest of its real tokens in every ``[B, L]`` teacher
+    input (``input_ids``, ``token_type_ids``; real = ``attention_mask`` set), so the same window
+    in a batch of another padded length is found again. Only a batch's missing examples go
+    through the teacher, so under DDP (each rank sees other examples each epoch) the cache fills
+    over epochs.
+
+    Per-position outputs (QA ``start_logits``/``end_logits`` ``[B, L]``, any ``[B, L, ...]``) are
+    kept at the real positions only and come back with 0 at the padding: exact when the loss leaves
+    padding out (KD's ``mask_padding``) or the batch has none; otherwise the whole batch goes
+    through the teacher. Per-example outputs (``logits`` ``[B, C]``) are kept whole. Values keep
+    their device and dtype. Memory: the outputs of each training example, e.g. ~1.4 KB a SQuAD
+    window (2 x ~173 float32) or 8 bytes an SST-2 sentence, plus a 16-byte key.
+
+    Attributes:
+        from_cache, from_teacher: examples served each way so far.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[bytes, dict[str, torch.Tensor]] = {}
+        self._per_position: dict[str, bool] = {}
+        self.from_cache = 0
+        self.from_teacher = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @staticmethod
+    def _digests(inputs: dict, keys: list[str]) -> tuple[list[bytes], torch.Tensor]:
+        """One key per example and the ``bool`` ``[B, L]`` real positions."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        real = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        seqs = [inputs[k].cpu() for k in keys if isinstance(inputs.get(k), torch.Tensor) and inputs[k].shape == ids.shape]
+        real_cpu = real.cpu()
+        digests = []
+        for i in range(ids.shape[0]):
+            h = hashlib.blake2b(digest_size=16)
+            for t in seqs:
+                h.update(t[i][real_cpu[i]].numpy().tobytes())
+                h.update(b"|")
+            digests.append(h.digest())
+        return digests, real
+
+    def outputs(self, inputs: dict, keys: list[str], output_keys: list[str], padding_ok: bool,
+                forward: Callable[[dict], Any]) -> Any:
+        """The teacher's ``output_keys`` for this batch: cached rows, plus ``forward`` (the teacher
+        on a dict of inputs) run on the rows not seen before, which are then cached. ``padding_ok``:
+        the loss ignores per-position outputs at padding (else a padded batch is run whole)."""
+        digests, real = self._digests(inputs, keys)
+        missing = [i for i, d in enumerate(digests) if d not in self._rows]
+        padded = not bool(real.all())
+        if padded and not padding_ok and any(self._per_position.get(k, True) for k in output_keys):
+            out = forward(inputs)  # the loss reads the teacher's values at padding too
+            self._store(out, missing, missing, digests, real, output_keys)
+            self.from_teacher += len(digests)
+            return out
+        if missing:
+            if len(missing) == len(digests):
+                sub = inputs  # the same dict: teacher_forward shares one pass with other KD modifiers
+            else:
+                idx = torch.tensor(missing, device=inputs["input_ids"].device)
+                sub = {k: v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+            self._store(forward(sub), range(len(missing)), missing, digests, real, output_keys)
+        self.from_teacher += len(missing)
+        self.from_cache += len(digests) - len(missing)
+        rows = [self._rows[d] for d in digests]
+        result = {}
+        for k in output_keys:
+            if self._per_position[k]:
+                first = rows[0][k]
+                full = first.new_zeros((*real.shape, *first.shape[1:]))
+                for i, r in enumerate(rows):
+                    full[i][real[i]] = r[k]
+                result[k] = full
+            else:
+                result[k] = torch.stack([r[k] for r in rows])
+        return result
+
+    def _store(self, out: Any, out_rows, batch_rows: list[int], digests: list[bytes], real: torch.Tensor,
+               output_keys: list[str]) -> None:
+        """Cache row ``out_rows[j]`` of the teacher's ``out`` as batch row ``batch_rows[j]``."""
+        for k in output_keys:  # by name, not shape: [B, C] class logits can have C == L in a batch
+            self._per_position[k] = out[k].dim() >= 3 or k in _PER_POSITION_KEYS
+        for j, i in zip(out_rows, batch_rows):
+            self._rows[digests[i]] = {k: (out[k][j][real[i]] if self._per_position[k] else out[k][j]).detach().clone()
+                                      for k in output_keys}
+
+
 def _real_positions(logits: torch.Tensor, inputs: dict) -> torch.Tensor | None:
     """The batch's ``attention_mask`` (as ``bool``) when ``logits`` are per-position span logits of
     its shape (QA start/end logits ``[B, L]``): padding positions are not classes a window has, so KD
@@ -123,7 +221,11 @@ class DistillationModifier(Modifier):
     > 0, ``distill_output_keys`` (default ``["logits"]``), SparseML's ``teacher_input_keys``
     and ``update_frequency`` (accepted). ``mask_padding`` (not a SparseML key; default true): QA
     start/end logits leave the window's padding positions out of the KD softmax (SparseML's loss
-    keeps them). The teacher is given on the CLI (``--teacher``) or in code.
+    keeps them). ``cache_teacher_outputs`` (not a SparseML key; default false): keep the teacher's
+    outputs per training example and reuse them in later epochs (:class:`TeacherOutputCache`) --
+    the same loss without the teacher's forward pass after epoch 1; for fixed inputs only (an error
+    with masked-LM, whose masking changes every step). The teacher is given on the CLI
+    (``--teacher``) or in code.
     """
 
     hardness: float = 0.5
@@ -132,6 +234,8 @@ class DistillationModifier(Modifier):
     teacher_input_keys: list[str] | None = None
     update_frequency: float = -1.0
     mask_padding: bool = True
+    cache_teacher_outputs: bool = False
+    _cache: TeacherOutputCache | None = PrivateAttr(None)
 
     @field_validator("hardness")
     @classmethod
@@ -155,7 +259,7 @@ class DistillationModifier(Modifier):
         """``(1 - hardness) * loss + hardness * mean_k kd_loss(student[k], teacher[k])``."""
         if not self.active(state.epoch):
             return loss
-        teacher_out = teacher_forward(state, inputs, self.teacher_input_keys)
+        teacher_out = self._teacher_outputs(state, inputs)
         terms = []
         for key in self.distill_output_keys:
             if key not in outputs or key not in teacher_out:
@@ -166,3 +270,27 @@ class DistillationModifier(Modifier):
         distill = torch.stack(terms).mean()
         state.record_loss("distillation", distill)
         return (1.0 - self.hardness) * loss + self.hardness * distill
+
+    def _teacher_outputs(self, state: ModifierState, inputs: dict) -> Any:
+        """The teacher's outputs for this batch: :func:`teacher_forward`, through the cache with
+        ``cache_teacher_outputs``."""
+        if not self.cache_teacher_outputs:
+            return teacher_forward(state, inputs, self.teacher_input_keys)
+        if "input_ids" not in inputs:
+            raise self.error("cache_teacher_outputs keys examples by their input_ids; the batch has none",
+                             "cache_teacher_outputs", True)
+        labels = inputs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.shape == inputs["input_ids"].shape:
+            raise self.error("cache_teacher_outputs needs fixed inputs, but token-level labels (masked-LM) mean "
+                             "the inputs are masked anew every step", "cache_teacher_outputs", True)
+        if self._cache is None:
+            self._cache = TeacherOutputCache()
+        keys = list(self.teacher_input_keys or [k for k in inputs if k not in _TARGET_KEYS])
+        return self._cache.outputs(inputs, keys, self.distill_output_keys, self.mask_padding,
+                                   lambda x: teacher_forward(state, x, self.teacher_input_keys))
+
+    def finalize(self, state: ModifierState) -> None:
+        """Log how many examples' teacher outputs came from the cache."""
+        if self._cache is not None:
+            logger.info("teacher output cache: %d examples kept; %d served from the cache, %d through the teacher",
+                        len(self._cache), self._cache.from_cache, self._cache.from_teacher)
