@@ -406,6 +406,14 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
                     deps=("squad-dense",)))
     jobs.append(Job("s15-squad-obs-masked", squad_student(w, few, smoke, "obs80-block4-kd", 6e-4, lo=6, epochs=8),
                     deps=("squad-dense",)))
+    # Session 16 (CPU): the SQuAD KD recipes now cache the teacher's start/end logits from epoch 1 on
+    # (cache_teacher_outputs: per-step losses equal to 3e-6, BENCHMARKS "KD: teacher outputs cached"), so the runs
+    # above pair with session 9's as before. GMP's one lever that kept paying on SQuAD is its budget (6 -> 16 epochs at
+    # 1e-4: -33 -> -17 F1; 12 epochs at 4e-4: -6.83), so the same student over 20 epochs, pruning to epoch 10.
+    # Next in line (issue 4): --only sst2b128-dense squad-dense s15-squad-gmp-masked s15-squad-obs-masked s16-squad-gmp-20ep
+    # s10-squad-obs-lr8e-4 s14-squad-gmp-global
+    jobs.append(Job("s16-squad-gmp-20ep", squad_student(w, few, smoke, "gmp80-block4-kd", 4e-4, lo=6, epochs=20),
+                    deps=("squad-dense",)))
     # Queued in session 11 for session 12: session 11's four SST-2 per-layer students were killed at epoch ~7.2 of 9 (six runs
     # shared the GPU, ~8.5 steps/s each; at epoch 7 they led their logits-KD pairs by +1.06 on average). Again
     # without the SQuAD runs (the term did not help there), so that the four fit: --only sst2b128-dense
