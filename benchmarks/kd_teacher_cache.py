@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=200, help="held-out questions / dev sentences scored")
     ap.add_argument("--output", default="BENCHMARKS.md")
     args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error("--epochs must be >= 2 (the cache serves epochs 2 on)")
     logs = ROOT / "runs" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     squad = args.task == "squad"

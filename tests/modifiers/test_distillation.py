@@ -270,6 +270,28 @@ def test_cached_teacher_outputs_give_the_same_kd_loss(mask_padding):
             assert teacher_ran == (epoch == 0 or (padded and not mask_padding))
 
 
+def test_cached_teacher_outputs_run_only_the_unseen_rows():
+    """A batch mixing cached and unseen windows (shuffled, other padded lengths): only the unseen rows go
+    through the teacher, and the loss still equals the uncached one."""
+    student, teacher = _qa_pair()
+    sizes = []
+    teacher.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    torch.manual_seed(8)
+    w = [torch.randint(1, 120, (n,)) for n in (5, 9, 12, 7, 10)]
+    cached = RecipeSession(_qa_recipe(True), student, teacher=teacher)
+    plain = RecipeSession(_qa_recipe(False), student, teacher=teacher)
+    for s in (cached, plain):
+        s.start(10)
+    for windows, length, expected_rows in (([w[0], w[2]], 12, 2), ([w[3], w[2], w[4], w[0], w[1]], 14, 3),
+                                           ([w[1], w[4], w[3]], 10, None)):
+        x = _batch(windows, length)
+        out = student(**x)
+        sizes.clear()
+        got = cached.modify_loss(out.loss, out, x)
+        assert sizes == ([] if expected_rows is None else [expected_rows])
+        assert got.item() == pytest.approx(plain.modify_loss(out.loss, out, x).item(), rel=1e-5, abs=1e-6)
+
+
 def test_cached_teacher_outputs_for_sequence_classification(tiny_model):
     from transformers import BertForSequenceClassification
 
@@ -342,3 +364,15 @@ def test_cached_teacher_outputs_in_the_trainer_loop(tmp_path, tiny_model):
         losses[cache] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         assert len(calls) == (5 if cache else 10)
     assert len(losses[True]) == 10 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_cached_teacher_outputs_need_the_attention_mask_in_the_teacher_inputs():
+    """Keys are the real tokens; a teacher that attends to padding gives outputs that depend on it."""
+    student, teacher = _qa_pair()
+    recipe = _qa_recipe(True) + "    teacher_input_keys: [input_ids]\n"
+    session = RecipeSession(recipe, student, teacher=teacher)
+    session.start(10)
+    x = _batch([torch.randint(1, 120, (5,)), torch.randint(1, 120, (8,))], 8)
+    out = student(**x)
+    with pytest.raises(RecipeError, match="attention_mask"):
+        session.modify_loss(out.loss, out, x)

@@ -105,18 +105,21 @@ class TeacherOutputCache:
     A frozen teacher in eval mode gives the same outputs for the same input, so for a fixed
     training set (GLUE sentences, SQuAD windows) its forward pass -- about a quarter of a KD step's
     compute -- is needed once per example, not once per epoch (TextBrewer's ``is_caching_logits``).
-    An example is keyed by a 16-byte BLAKE2 digest of its real tokens in every ``[B, L]`` teacher
-    input (``input_ids``, ``token_type_ids``; real = ``attention_mask`` set), so the same window
-    in a batch of another padded length is found again. Only a batch's missing examples go
-    through the teacher, so under DDP (each rank sees other examples each epoch) the cache fills
-    over epochs.
+    An example is keyed by a 16-byte BLAKE2 digest of its real tokens in ``input_ids`` and every
+    other ``[B, L]`` teacher input (real = ``attention_mask`` set), so the same window in a batch of
+    another padded length is found again. Only a batch's unseen examples go through the teacher.
 
-    Per-position outputs (QA ``start_logits``/``end_logits`` ``[B, L]``, any ``[B, L, ...]``) are
-    kept at the real positions only and come back with 0 at the padding: exact when the loss leaves
-    padding out (KD's ``mask_padding``) or the batch has none; otherwise the whole batch goes
-    through the teacher. Per-example outputs (``logits`` ``[B, C]``) are kept whole. Values keep
-    their device and dtype. Memory: the outputs of each training example, e.g. ~1.4 KB a SQuAD
-    window (2 x ~173 float32) or 8 bytes an SST-2 sentence, plus a 16-byte key.
+    Kinds of output: ``span`` (QA ``start_logits``/``end_logits`` ``[B, L]``) is kept at the real
+    positions and comes back with 0 at padding -- exact when the loss leaves padding out (KD's
+    ``mask_padding``), else a padded batch goes through the teacher; ``token`` (any other
+    ``[B, L, ...]``) likewise, but a padded batch always goes through the teacher (KD masks no
+    padding there); ``example`` (``logits`` ``[B, C]``) is kept whole. Rows are kept on the CPU
+    (one copy to the batch's device per step); memory is the outputs of each training example,
+    e.g. ~1.4 KB a SQuAD window (2 x ~173 float32) or 8 bytes an SST-2 sentence, plus a 16-byte
+    key and ~0.3 KB of Python objects.
+
+    Under DDP each rank sees another part of the data each epoch, so a rank's cache fills only over
+    several epochs (and holds up to the whole training set): the saving is a one-process one.
 
     Attributes:
         from_cache, from_teacher: examples served each way so far.
@@ -124,7 +127,7 @@ class TeacherOutputCache:
 
     def __init__(self) -> None:
         self._rows: dict[bytes, dict[str, torch.Tensor]] = {}
-        self._per_position: dict[str, bool] = {}
+        self._kind: dict[str, str] = {}
         self.from_cache = 0
         self.from_teacher = 0
 
@@ -133,64 +136,83 @@ class TeacherOutputCache:
 
     @staticmethod
     def _digests(inputs: dict, keys: list[str]) -> tuple[list[bytes], torch.Tensor]:
-        """One key per example and the ``bool`` ``[B, L]`` real positions."""
+        """One key per example and the CPU ``bool`` ``[B, L]`` real positions."""
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
-        real = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
-        seqs = [inputs[k].cpu() for k in keys if isinstance(inputs.get(k), torch.Tensor) and inputs[k].shape == ids.shape]
-        real_cpu = real.cpu()
+        real = (mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)).cpu()
+        names = ["input_ids"] + [k for k in keys if k != "input_ids" and isinstance(inputs.get(k), torch.Tensor)
+                                 and inputs[k].shape == ids.shape and k != "attention_mask"]
+        seqs = [inputs[k].cpu() for k in names]
         digests = []
         for i in range(ids.shape[0]):
             h = hashlib.blake2b(digest_size=16)
             for t in seqs:
-                h.update(t[i][real_cpu[i]].numpy().tobytes())
+                h.update(t[i][real[i]].numpy().tobytes())
                 h.update(b"|")
             digests.append(h.digest())
         return digests, real
 
+    def _needs_teacher_values_at_padding(self, output_keys: list[str], padding_ok: bool) -> bool:
+        kinds = [self._kind.get(k, "span" if k in _PER_POSITION_KEYS else "token") for k in output_keys]
+        return any(kind == "token" or (kind == "span" and not padding_ok) for kind in kinds)
+
     def outputs(self, inputs: dict, keys: list[str], output_keys: list[str], padding_ok: bool,
-                forward: Callable[[dict], Any]) -> Any:
-        """The teacher's ``output_keys`` for this batch: cached rows, plus ``forward`` (the teacher
-        on a dict of inputs) run on the rows not seen before, which are then cached. ``padding_ok``:
-        the loss ignores per-position outputs at padding (else a padded batch is run whole)."""
+                forward: Callable[[dict], Any], full: Any = None) -> Any:
+        """The teacher's ``output_keys`` for this batch: cached rows, plus ``forward`` (the teacher on
+        a dict of inputs) run on the rows not seen before, which are then cached. ``padding_ok``: the
+        loss ignores span outputs at padding. ``full``: the teacher's outputs for the whole batch if
+        another modifier already computed them (then nothing runs)."""
         digests, real = self._digests(inputs, keys)
         missing = [i for i, d in enumerate(digests) if d not in self._rows]
         padded = not bool(real.all())
-        if padded and not padding_ok and any(self._per_position.get(k, True) for k in output_keys):
-            out = forward(inputs)  # the loss reads the teacher's values at padding too
-            self._store(out, missing, missing, digests, real, output_keys)
+        if full is None and padded and self._needs_teacher_values_at_padding(output_keys, padding_ok):
+            full = forward(inputs)  # the loss reads the teacher's values at padding
+        if full is not None:
+            self._store(full, missing, missing, digests, real, output_keys)
             self.from_teacher += len(digests)
-            return out
+            return full
         if missing:
             if len(missing) == len(digests):
                 sub = inputs  # the same dict: teacher_forward shares one pass with other KD modifiers
             else:
                 idx = torch.tensor(missing, device=inputs["input_ids"].device)
                 sub = {k: v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
-            self._store(forward(sub), range(len(missing)), missing, digests, real, output_keys)
+            self._store(forward(sub), list(range(len(missing))), missing, digests, real, output_keys)
         self.from_teacher += len(missing)
         self.from_cache += len(digests) - len(missing)
         rows = [self._rows[d] for d in digests]
+        device = inputs["input_ids"].device
         result = {}
         for k in output_keys:
-            if self._per_position[k]:
-                first = rows[0][k]
-                full = first.new_zeros((*real.shape, *first.shape[1:]))
-                for i, r in enumerate(rows):
-                    full[i][real[i]] = r[k]
-                result[k] = full
-            else:
-                result[k] = torch.stack([r[k] for r in rows])
+            values = [r[k] for r in rows]
+            if self._kind[k] == "example":
+                if len({v.shape for v in values}) > 1:
+                    raise ValueError(f"cached teacher output '{k}' has rows of different shapes; per-token outputs "
+                                     f"other than {_PER_POSITION_KEYS} need 3 dims to be cached")
+                result[k] = torch.stack(values).to(device, non_blocking=True)
+            else:  # one boolean-mask write: real positions in row-major order, as they were stored
+                full_k = values[0].new_zeros((*real.shape, *values[0].shape[1:]))
+                full_k[real] = torch.cat(values)
+                result[k] = full_k.to(device, non_blocking=True)
         return result
 
-    def _store(self, out: Any, out_rows, batch_rows: list[int], digests: list[bytes], real: torch.Tensor,
+    def _store(self, out: Any, out_rows: list[int], batch_rows: list[int], digests: list[bytes], real: torch.Tensor,
                output_keys: list[str]) -> None:
-        """Cache row ``out_rows[j]`` of the teacher's ``out`` as batch row ``batch_rows[j]``."""
+        """Cache row ``out_rows[j]`` of the teacher's ``out`` as batch row ``batch_rows[j]`` (on the CPU)."""
+        if not batch_rows:
+            return
+        lengths = real[batch_rows].sum(1).tolist()
+        per_key = {}
         for k in output_keys:  # by name, not shape: [B, C] class logits can have C == L in a batch
-            self._per_position[k] = out[k].dim() >= 3 or k in _PER_POSITION_KEYS
-        for j, i in zip(out_rows, batch_rows):
-            self._rows[digests[i]] = {k: (out[k][j][real[i]] if self._per_position[k] else out[k][j]).detach().clone()
-                                      for k in output_keys}
+            value = out[k].detach()
+            self._kind[k] = "token" if value.dim() >= 3 else "span" if k in _PER_POSITION_KEYS else "example"
+            value = value[torch.as_tensor(out_rows, device=value.device)].cpu()
+            if self._kind[k] == "example":
+                per_key[k] = list(value.unbind(0))
+            else:
+                per_key[k] = list(value[real[batch_rows]].split(lengths))
+        for j, i in enumerate(batch_rows):
+            self._rows[digests[i]] = {k: per_key[k][j].clone() for k in output_keys}
 
 
 def _real_positions(logits: torch.Tensor, inputs: dict) -> torch.Tensor | None:
@@ -276,21 +298,38 @@ class DistillationModifier(Modifier):
         ``cache_teacher_outputs``."""
         if not self.cache_teacher_outputs:
             return teacher_forward(state, inputs, self.teacher_input_keys)
+        keys = list(self.teacher_input_keys or [k for k in inputs if k not in _TARGET_KEYS])
         if "input_ids" not in inputs:
             raise self.error("cache_teacher_outputs keys examples by their input_ids; the batch has none",
                              "cache_teacher_outputs", True)
+        if "attention_mask" in inputs and "attention_mask" not in keys:
+            raise self.error("cache_teacher_outputs keys examples by their real tokens, but the teacher does not get "
+                             "the attention_mask (its outputs would depend on the padding)", "teacher_input_keys", keys)
         labels = inputs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.shape == inputs["input_ids"].shape:
             raise self.error("cache_teacher_outputs needs fixed inputs, but token-level labels (masked-LM) mean "
                              "the inputs are masked anew every step", "cache_teacher_outputs", True)
         if self._cache is None:
             self._cache = TeacherOutputCache()
-        keys = list(self.teacher_input_keys or [k for k in inputs if k not in _TARGET_KEYS])
-        return self._cache.outputs(inputs, keys, self.distill_output_keys, self.mask_padding,
-                                   lambda x: teacher_forward(state, x, self.teacher_input_keys))
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                logger.warning("cache_teacher_outputs under DDP: each rank sees other examples each epoch, so its "
+                               "cache fills only over several epochs and saves less than on one process")
+
+        def forward(x: dict) -> Any:
+            out = teacher_forward(state, x, self.teacher_input_keys)
+            absent = [k for k in self.distill_output_keys if k not in out]
+            if absent:
+                raise self.error(f"teacher output has no '{absent[0]}' (outputs: {list(out.keys())})",
+                                 "distill_output_keys", absent[0])
+            return out
+
+        shared = state.teacher_cache  # another KD modifier already ran the teacher on this batch
+        full = shared[2] if shared is not None and shared[0] is inputs and shared[1] == keys else None
+        return self._cache.outputs(inputs, keys, self.distill_output_keys, self.mask_padding, forward, full)
 
     def finalize(self, state: ModifierState) -> None:
-        """Log how many examples' teacher outputs came from the cache."""
+        """Log how many examples' teacher outputs came from the cache, and free it."""
         if self._cache is not None:
             logger.info("teacher output cache: %d examples kept; %d served from the cache, %d through the teacher",
                         len(self._cache), self._cache.from_cache, self._cache.from_teacher)
+            self._cache = None
