@@ -81,6 +81,18 @@ def freeze_teacher(modifier: Modifier, state: ModifierState) -> None:
         p.requires_grad_(False)
 
 
+def _teacher_input_names(inputs: dict, input_keys: list[str] | None = None) -> list[str]:
+    """The batch keys the teacher gets: ``input_keys`` (SparseML's ``teacher_input_keys``), else all but the targets."""
+    return list(input_keys or [k for k in inputs if k not in _TARGET_KEYS])
+
+
+def _shared_teacher_outputs(state: ModifierState, inputs: dict, keys: list[str]) -> Any:
+    """The teacher's outputs for this very ``inputs`` dict and ``keys`` if a modifier already ran
+    the teacher on it this step, else ``None``."""
+    cached = state.teacher_cache
+    return cached[2] if cached is not None and cached[0] is inputs and cached[1] == keys else None
+
+
 def teacher_forward(state: ModifierState, inputs: dict, input_keys: list[str] | None = None) -> Any:
     """The teacher's outputs for this batch, computed once per batch (no grad).
 
@@ -89,10 +101,10 @@ def teacher_forward(state: ModifierState, inputs: dict, input_keys: list[str] | 
     outputs the teacher's forward hooks captured). ``input_keys`` (SparseML's
     ``teacher_input_keys``) picks the inputs the teacher sees; default: all but the targets.
     """
-    keys = list(input_keys or [k for k in inputs if k not in _TARGET_KEYS])
-    cached = state.teacher_cache
-    if cached is not None and cached[0] is inputs and cached[1] == keys:
-        return cached[2]
+    keys = _teacher_input_names(inputs, input_keys)
+    shared = _shared_teacher_outputs(state, inputs, keys)
+    if shared is not None:
+        return shared
     with torch.no_grad():
         out = state.teacher(**{k: inputs[k] for k in keys})
     state.teacher_cache = (inputs, keys, out)
@@ -176,7 +188,8 @@ class TeacherOutputCache:
                 sub = inputs  # the same dict: teacher_forward shares one pass with other KD modifiers
             else:
                 idx = torch.tensor(missing, device=inputs["input_ids"].device)
-                sub = {k: v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+                sub = {k: v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                       for k, v in inputs.items()}
             self._store(forward(sub), list(range(len(missing))), missing, digests, real, output_keys)
         self.from_teacher += len(missing)
         self.from_cache += len(digests) - len(missing)
@@ -298,7 +311,7 @@ class DistillationModifier(Modifier):
         ``cache_teacher_outputs``."""
         if not self.cache_teacher_outputs:
             return teacher_forward(state, inputs, self.teacher_input_keys)
-        keys = list(self.teacher_input_keys or [k for k in inputs if k not in _TARGET_KEYS])
+        keys = _teacher_input_names(inputs, self.teacher_input_keys)
         if "input_ids" not in inputs:
             raise self.error("cache_teacher_outputs keys examples by their input_ids; the batch has none",
                              "cache_teacher_outputs", True)
@@ -311,7 +324,8 @@ class DistillationModifier(Modifier):
                              "the inputs are masked anew every step", "cache_teacher_outputs", True)
         if self._cache is None:
             self._cache = TeacherOutputCache()
-            if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 logger.warning("cache_teacher_outputs under DDP: each rank sees other examples each epoch, so its "
                                "cache fills only over several epochs and saves less than on one process")
 
@@ -323,8 +337,7 @@ class DistillationModifier(Modifier):
                                  "distill_output_keys", absent[0])
             return out
 
-        shared = state.teacher_cache  # another KD modifier already ran the teacher on this batch
-        full = shared[2] if shared is not None and shared[0] is inputs and shared[1] == keys else None
+        full = _shared_teacher_outputs(state, inputs, keys)  # another KD modifier's pass on this batch
         return self._cache.outputs(inputs, keys, self.distill_output_keys, self.mask_padding, forward, full)
 
     def finalize(self, state: ModifierState) -> None:
