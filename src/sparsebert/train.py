@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
+from .allocator import allocator_hint
 from .integrations import JsonlLoggerCallback, SparseTrainer, StopOnSignalCallback
 from .models import resolve_model
 from .recipe import load_recipe
@@ -177,6 +178,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     epochs = cfg.epochs or (recipe.num_epochs if recipe else None) or 3.0
     args = training_arguments(cfg, out, epochs)
+    if args.device.type == "cpu" and _is_rank0() and (hint := allocator_hint()):
+        logger.warning("%s", hint)
     trainer = SparseTrainer(
         recipe=recipe,
         teacher=teacher,
