@@ -77,13 +77,15 @@ def invoke(*args, stdout_only=False):
     return result.exit_code, result.stdout if stdout_only else result.output
 
 
-def test_train_evaluate_sparsity_end_to_end(tiny_dir, tmp_path, shared_data):
+def test_train_evaluate_sparsity_end_to_end(tiny_dir, tmp_path, shared_data, monkeypatch, caplog):
+    monkeypatch.setattr("sparsebert.train.allocator_hint", lambda: "preload-tcmalloc-hint")  # the CPU malloc hint is logged
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     out = tmp_path / "run"
     common = ["--task", "sst2", "--model", tiny_dir, "--max-train-samples", 64, "--max-eval-samples", 32, "--batch-size", 16, "--logging-steps", 2]
     code, output = invoke("train", *common, "--recipe", recipe, "--teacher", tiny_dir, "--eval-each-epoch", "--output-dir", out)
     assert code == 0, output
+    assert "preload-tcmalloc-hint" in caplog.text
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
     assert metrics["encoder_sparsity"] == pytest.approx(0.75, abs=0.005)
