@@ -307,6 +307,7 @@ class CompiledBert(torch.nn.Module):
 
     @property
     def layers(self) -> list[dict[str, torch.nn.Module]]:
+        """Per encoder layer: its packed Linears by name (``query`` ... ``output``)."""
         return [layer.linears() for layer in self.layers_]
 
     def summary(self) -> list[dict[str, Any]]:
@@ -315,6 +316,15 @@ class CompiledBert(torch.nn.Module):
                 for i, layer in enumerate(self.layers) for n, m in layer.items()]
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_dict: bool = True):
+        """Inference on int64 ``[batch, seq]`` inputs (tensors or nested lists; ``attention_mask`` 1 = real token).
+
+        Returns the Hugging Face output of the compiled model's head: ``logits`` float32 ``[batch, labels]``,
+        ``start_logits``/``end_logits`` ``[batch, seq]``, or ``last_hidden_state`` ``[batch, seq, hidden]``
+        (a tuple when ``return_dict`` is false). Runs under ``inference_mode`` with ``num_threads``.
+
+        Raises:
+            ValueError: ``input_ids`` is not 2-D.
+        """
         from transformers.modeling_outputs import (BaseModelOutputWithPooling, QuestionAnsweringModelOutput,
                                                    SequenceClassifierOutput)
 

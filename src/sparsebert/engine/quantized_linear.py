@@ -318,6 +318,12 @@ class SparseLinearInt8(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float32 ``[..., in_features]`` -> float32 ``[..., out_features]``: activations quantized per call
+        (dynamic, per tensor, 7-bit unsigned: see the module docstring), INT8 weights, no autograd.
+
+        Raises:
+            ValueError: ``x`` is not float32 with ``in_features`` in its last dimension.
+        """
         k = self.in_features
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 1 or x.shape[-1] != k:
             raise ValueError(f"expected a float32 tensor of shape [..., {k}] (in_features={k}), got "

@@ -374,6 +374,11 @@ class SparseLinear(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` float32 ``[..., in_features]`` -> float32 ``[..., out_features]`` (into ``out`` when given), no autograd.
+
+        Raises:
+            ValueError: wrong dtype/shape of ``x`` or ``out``.
+        """
         self._check_input(x, out)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
