@@ -1,4 +1,4 @@
-"""``sparsebert`` command line: train, evaluate, sparsity."""
+"""``sparsebert`` command line: train, evaluate, sparsity, oneshot, export, benchmark, serve."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def train(
     recipe: Optional[Path] = typer.Option(None, help="SparseML-format recipe YAML."),
     recipe_args: Optional[str] = typer.Option(None, help='JSON overrides of recipe variables, e.g. \'{"num_epochs": 2}\'.'),
     teacher: Optional[str] = typer.Option(None, help="Dense fine-tuned teacher (path or id) for distillation modifiers."),
-    data_dir: Optional[str] = typer.Option(None, help="Task data folder (default: ../shared/data/<task> if present, else the HF hub); mlm: corpus file/folder or hub NAME[:CONFIG]."),
+    data_dir: Optional[str] = typer.Option(None, help="Task data folder (default: ../shared/data/glue/<TASK> or ../shared/data/squad if present, else the HF hub); mlm: corpus file/folder (default ../shared/data/wikipedia-sample/text) or hub NAME[:CONFIG]."),
     train_file: Optional[str] = typer.Option(None, help="Training file (SQuAD JSON; mlm: corpus file or folder)."),
     validation_file: Optional[str] = typer.Option(None, help="Validation file (SQuAD JSON; mlm: held-out text)."),
     split_by_article: Optional[str] = typer.Option(None, help='SQuAD: split one file by article, "TRAIN:EVAL" counts, e.g. 36:12.'),
@@ -246,7 +246,7 @@ def oneshot(
     num_calibration_samples: int = typer.Option(512, help="Training examples (seeded subset) used for calibration gradients."),
     batch_size: int = typer.Option(16, help="Examples per calibration gradient."),
     eval_batch_size: int = typer.Option(64),
-    data_dir: Optional[str] = typer.Option(None, help="Task data folder (default: ../shared/data/<task> if present, else the HF hub)."),
+    data_dir: Optional[str] = typer.Option(None, help="Task data folder (default: ../shared/data/glue/<TASK> or ../shared/data/squad if present, else the HF hub)."),
     split_by_article: Optional[str] = typer.Option(None, help='SQuAD: split one file by article, "TRAIN:EVAL" counts.'),
     max_seq_length: Optional[int] = typer.Option(None, help="Tokens per example (default 128; SQuAD 384)."),
     doc_stride: int = typer.Option(128),
