@@ -80,6 +80,22 @@ def test_bad_dirs_and_shapes(deployments, tmp_path):
     assert result.exit_code == 2 and "manifest.json not found" in " ".join(result.output.split())
     with pytest.raises(DeploymentError, match="nowhere"):
         run_benchmark(tmp_path / "nowhere", iterations=1)
+    result = runner.invoke(app, ["benchmark", str(static), "--iterations", "0"])
+    assert result.exit_code == 2 and "--iterations" in result.output
+    # a manifest without a field the engines read, and a folder without its graph, name what is missing
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(static, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "outputs"}))
+    with pytest.raises(DeploymentError, match=r"manifest\.json: missing field\(s\) \['outputs'\]"):
+        run_benchmark(broken, iterations=1)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "model.onnx").unlink()
+    with pytest.raises(DeploymentError, match=r"model\.onnx not found"):
+        run_benchmark(broken, iterations=1)
     with pytest.raises(DeploymentError, match="static sequence_length 32, asked for 64"):
         run_benchmark(static, sequence_length=64, iterations=1)
     with pytest.raises(DeploymentError, match="not a deployment folder nor an engine"):

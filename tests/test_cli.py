@@ -278,6 +278,29 @@ def test_bad_inputs_fail_clearly(tiny_dir, tmp_path, shared_data):
     good.write_text(RECIPE)
     code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--recipe", good, "--teacher", stsb, "--output-dir", tmp_path / "y", "--max-train-samples", 8)
     assert code == 2 and "num_labels" in output
+    # --recipe-args: a JSON object, and only with a recipe
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--recipe", good, "--recipe-args", "[1, 2]", "--output-dir", out)
+    assert code == 2 and "must be a JSON object" in output
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--recipe-args", '{"num_epochs": 1}', "--output-dir", out)
+    assert code == 2 and "needs --recipe" in output
+    code, output = invoke("train", "--task", "sst2", "--model", tiny_dir, "--max-train-samples", 0, "--output-dir", out)
+    assert code == 2 and "max-train-samples" in output
+    # a mistyped --model / --teacher names the option and fails before --overwrite wipes the old run
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("a finished run")
+    for flag in ("--model", "--teacher"):
+        args = ["--model", tiny_dir, "--teacher", tmp_path / "typo"] if flag == "--teacher" else ["--model", tmp_path / "typo"]
+        code, output = invoke("train", "--task", "sst2", *args, "--recipe", good, "--output-dir", old, "--overwrite")
+        assert code == 2 and flag in output and "typo" in output, output
+        assert (old / "keep.txt").is_file()
+    # sparsity --params: bad regex, recipe-style `re:`, and a pattern that matches nothing
+    code, output = invoke("sparsity", tiny_dir, "--params", "[")
+    assert code == 2 and "not a valid regular expression" in output
+    code, output = invoke("sparsity", tiny_dir, "--params", r"re:.*encoder\.layer\.0\..*query\.weight", "--json", stdout_only=True)
+    assert code == 0 and len(json.loads(output)["params"]) == 1
+    code, output = invoke("sparsity", tiny_dir, "--params", "nothing.matches")
+    assert code == 2 and "matches no parameter" in output
 
 
 @pytest.mark.parametrize("padding", [[], ["--no-pad-to-max-length", "--group-by-length"]], ids=["padded", "dynamic"])

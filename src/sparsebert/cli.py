@@ -51,8 +51,8 @@ def train(
     learning_rate: float = typer.Option(5e-5, help="Base learning rate (recipe LR modifiers override it)."),
     max_seq_length: Optional[int] = typer.Option(None, help="Tokens per example (default 128; SQuAD 384)."),
     doc_stride: int = typer.Option(128, help="SQuAD window overlap in tokens."),
-    max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training data."),
-    max_eval_samples: Optional[int] = typer.Option(None, help="Use the first N eval examples."),
+    max_train_samples: Optional[int] = typer.Option(None, min=1, help="Use a seeded random subset of the training data."),
+    max_eval_samples: Optional[int] = typer.Option(None, min=1, help="Use the first N eval examples."),
     seed: int = typer.Option(42),
     warmup_ratio: float = typer.Option(0.0),
     weight_decay: float = typer.Option(0.0),
@@ -69,6 +69,8 @@ def train(
     """Fine-tune (and sparsify, with a recipe) a model on a task."""
     from .train import TrainConfig, run_train
 
+    if recipe_args and recipe is None:
+        _fail("--recipe-args overrides recipe variables: it needs --recipe")
     overrides = _start_job(recipe_args)
     cfg = TrainConfig(
         task=task, output_dir=str(output_dir), model=model, recipe=str(recipe) if recipe else None, recipe_args=overrides,
@@ -100,7 +102,7 @@ def evaluate(
     pad_to_max_length: bool = typer.Option(True, help="SQuAD: pad every window to max_seq_length (run_qa.py's default); --no-pad-to-max-length pads each batch to its longest window (~3x faster on a CPU)."),
 ):
     """Evaluate a model (trained folder, HF id, or `sparsebert export` deployment folder) on the task's dev split(s)."""
-    from .deployment import DeploymentError
+    from .deployment import DeploymentError, load_manifest
     from .evaluate import run_evaluate
     from .export import evaluate_onnx
     from .tasks import DataError
@@ -112,7 +114,7 @@ def evaluate(
     try:
         if (Path(model) / "manifest.json").is_file():
             if max_seq_length is None:  # the deployment's own max_seq_length, not the CLI default
-                data.max_seq_length = json.loads((Path(model) / "manifest.json").read_text())["max_seq_length"]
+                data.max_seq_length = load_manifest(model)["max_seq_length"]
             metrics = evaluate_onnx(model, task, data, engine=engine, batch_size=batch_size)
         else:
             metrics = run_evaluate(task, model, data, batch_size)
@@ -137,7 +139,13 @@ def sparsity(
     if compare_mask:
         _compare_masks(model, tensors, compare_mask, json_out)
         return
-    rows = sparsity_table(tensors, params)
+    try:
+        rows = sparsity_table(tensors, params)
+    except ValueError as e:
+        _fail(str(e))
+    if params and not rows:
+        _fail(f"--params {params!r} matches no parameter of {model} with >= 2 dims (names look like: "
+              f"{', '.join(list(tensors)[:3])})")
     total = sum(r.numel for r in rows)
     zeros = sum(r.zeros for r in rows)
     if json_out:
@@ -193,9 +201,12 @@ def _start_job(recipe_args: str | None) -> dict | None:
     """Set up logging for a job and parse ``--recipe-args`` (JSON object of recipe variable overrides)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return json.loads(recipe_args) if recipe_args else None
+        overrides = json.loads(recipe_args) if recipe_args else None
     except json.JSONDecodeError as e:
         _fail(f"--recipe-args is not JSON: {e}")
+    if overrides is not None and not isinstance(overrides, dict):
+        _fail(f"--recipe-args must be a JSON object of recipe variables, e.g. '{{\"num_epochs\": 2}}'; got {recipe_args!r}")
+    return overrides
 
 
 def _run_and_report(run, cfg, output_dir: Path) -> None:
@@ -250,7 +261,7 @@ def oneshot(
     split_by_article: Optional[str] = typer.Option(None, help='SQuAD: split one file by article, "TRAIN:EVAL" counts.'),
     max_seq_length: Optional[int] = typer.Option(None, help="Tokens per example (default 128; SQuAD 384)."),
     doc_stride: int = typer.Option(128),
-    max_eval_samples: Optional[int] = typer.Option(None, help="Evaluate on the first N dev examples."),
+    max_eval_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N dev examples."),
     seed: int = typer.Option(42),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output dir."),
 ):
@@ -302,7 +313,7 @@ def benchmark_cmd(
     num_threads: Optional[int] = typer.Option(None, help="Intra-op threads per engine."),
     warmup: int = typer.Option(3, help="Untimed warm-up calls per target."),
     time_s: Optional[float] = typer.Option(None, "--time", help="Seconds to measure, all targets together (default 10)."),
-    iterations: Optional[int] = typer.Option(None, help="Timed calls per target (instead of --time)."),
+    iterations: Optional[int] = typer.Option(None, min=1, help="Timed calls per target (instead of --time)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Latency (mean/p50/p90/p99 ms) and items/s of deployment folders, interleaved, with ratios to the first."""

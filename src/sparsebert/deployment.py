@@ -20,6 +20,10 @@ __all__ = ["DeploymentError", "ENGINES", "Engine", "register_engine", "create_en
 Engine = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
+#: manifest.json fields every engine and command reads
+MANIFEST_KEYS = ("task_kind", "inputs", "outputs", "max_seq_length")
+
+
 class DeploymentError(ValueError):
     """A deployment folder that cannot be used (missing files, unsupported shape); names the path."""
 
@@ -28,7 +32,8 @@ def load_manifest(deployment_dir: str | Path) -> dict[str, Any]:
     """Read ``manifest.json`` of a deployment folder.
 
     Raises:
-        DeploymentError: the folder or its ``manifest.json`` is missing or unreadable (names the path).
+        DeploymentError: the folder or its ``manifest.json`` is missing or unreadable, or a field of
+            :data:`MANIFEST_KEYS` is missing (names the path and the fields).
     """
     path = Path(deployment_dir) / "manifest.json"
     if not Path(deployment_dir).is_dir():
@@ -36,9 +41,13 @@ def load_manifest(deployment_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DeploymentError(f"{path} not found: not a deployment folder (create one with `sparsebert export`)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeploymentError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise DeploymentError(f"{path}: missing field(s) {missing}; re-create the folder with `sparsebert export`")
+    return manifest
 
 
 def _onnxruntime(deployment_dir: Path, num_threads: int | None) -> Engine:
@@ -52,7 +61,10 @@ def _onnxruntime(deployment_dir: Path, num_threads: int | None) -> Engine:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(Path(deployment_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    onnx_path = Path(deployment_dir) / "model.onnx"
+    if not onnx_path.is_file():
+        raise DeploymentError(f"{onnx_path} not found: the onnxruntime engine needs the exported graph")
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     outputs = manifest["outputs"]
     return lambda feeds: session.run(outputs, feeds)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-from .models import resolve_model
+from .models import load_pretrained, resolve_model
 from .sparsity import encoder_linear_sparsity
 from .tasks import DataArgs, get_task
 
@@ -22,8 +22,8 @@ def run_evaluate(task_name: str, model: str | None, data: DataArgs, batch_size: 
     """
     task = get_task(task_name)
     path = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    net = task.build_model(path)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, "--model")
+    net = load_pretrained(task.build_model, path, "--model")
     task_data = task.load_data(tokenizer, data, need_train=False)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to=[], disable_tqdm=False)

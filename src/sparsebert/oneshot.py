@@ -163,7 +163,7 @@ def run_oneshot(cfg: OneshotConfig) -> dict[str, Any]:
     """
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from .models import resolve_model
+    from .models import load_pretrained, resolve_model
     from .recipe import load_recipe
     from .sparsity import encoder_linear_sparsity
     from .tasks import get_task
@@ -172,13 +172,13 @@ def run_oneshot(cfg: OneshotConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # prepare_output_dir would suggest --resume
         raise OutputDirError(f"output dir {out} is not empty; pass --overwrite to replace it")
-    out = prepare_output_dir(out, cfg.overwrite, resume=False)
     set_seed(cfg.seed)
     task = get_task(cfg.task)
     model_path = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, cfg.recipe_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = task.build_model(model_path)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model_path, "--model")
+    model = load_pretrained(task.build_model, model_path, "--model")
+    out = prepare_output_dir(out, cfg.overwrite, resume=False)  # after loading: a bad --model keeps the old dir
     data_args = dataclasses.replace(cfg.data, max_train_samples=cfg.num_calibration_samples, seed=cfg.seed)
     data = task.load_data(tokenizer, data_args, need_train=True)
     if data.note:

@@ -55,8 +55,17 @@ def sparsity_table(
 
     Args:
         params: a model, or name -> tensor (e.g. from :func:`load_checkpoint_tensors`).
+        params_regex: matched from the start of each name (``re.match``); a leading ``re:`` is dropped.
+
+    Raises:
+        ValueError: ``params_regex`` does not compile (names it).
     """
-    rx = re.compile(params_regex) if params_regex else None
+    if params_regex and params_regex.startswith("re:"):  # a recipe's `re:` spelling means the same here
+        params_regex = params_regex[3:]
+    try:
+        rx = re.compile(params_regex) if params_regex else None
+    except re.error as e:
+        raise ValueError(f"--params {params_regex!r} is not a valid regular expression: {e}") from None
     named = params.named_parameters() if isinstance(params, torch.nn.Module) else params.items()
     rows = []
     for name, p in named:

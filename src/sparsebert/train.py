@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_
 
 from .allocator import allocator_hint
 from .integrations import JsonlLoggerCallback, SparseTrainer, StopOnSignalCallback
-from .models import resolve_model
+from .models import load_pretrained, resolve_model
 from .recipe import load_recipe
 from .sparsity import encoder_linear_sparsity
 from .tasks import DataArgs, get_task
@@ -157,21 +157,22 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         The metrics dict written to ``metrics.json``.
 
     Raises:
-        OutputDirError, RecipeError, DataError, ValueError: before any training step.
+        OutputDirError, RecipeError, DataError, ModelLoadError, ValueError: before any training step.
     """
     t0 = time.time()
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
     set_seed(cfg.seed)
     task = get_task(cfg.task)
     model_path = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, cfg.recipe_args) if cfg.recipe else None
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = task.build_model(model_path)
+    # models first: a bad --model/--teacher must fail before --overwrite wipes the output dir
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model_path, "--model")
+    model = load_pretrained(task.build_model, model_path, "--model")
     teacher = None
     if cfg.teacher:
-        teacher = task.build_model(cfg.teacher)
+        teacher = load_pretrained(task.build_model, cfg.teacher, "--teacher")
         _check_same_head(model, teacher, cfg.teacher)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
     data = task.load_data(tokenizer, cfg.data, need_train=True)
     if data.note:
         logger.warning("data: %s", data.note)

@@ -40,6 +40,14 @@ def test_task_kind_needs_a_task_name(tmp_path):
         evaluate_onnx(deploy)
 
 
+def test_a_task_the_deployment_cannot_score_is_refused(tmp_path):
+    deploy = export_onnx(save_tiny_model(tmp_path / "m"), tmp_path / "d", task="sst2")  # 2 labels
+    with pytest.raises(DeploymentError, match=r"manifest\.json: task_kind is 'text-classification'.*--task squad"):
+        evaluate_onnx(deploy, task="squad")
+    with pytest.raises(DeploymentError, match=r"manifest\.json: the model has 2 labels.*--task mnli has 3"):
+        evaluate_onnx(deploy, task="mnli")
+
+
 def test_cli_evaluate_takes_a_deployment_folder(tmp_path, shared_data):
     import json
 

@@ -103,6 +103,21 @@ def test_error_names_modifier_position(tmp_path):
         load_recipe(path)
 
 
+def test_common_yaml_slips_get_a_fix_in_the_message(tmp_path):
+    no_dash = tmp_path / "no_dash.yaml"
+    no_dash.write_text("pruning_modifiers: !GMPruningModifier\n  params: __ALL_PRUNABLE__\n  final_sparsity: 0.5\n")
+    with pytest.raises(RecipeError, match=r"no_dash\.yaml.*'pruning_modifiers'.*must be an item of a '\*_modifiers' list"):
+        load_recipe(no_dash)
+    unquoted = tmp_path / "nm.yaml"
+    unquoted.write_text(RECIPE.replace("mask_type: block4", "mask_type: 2:4"))
+    with pytest.raises(RecipeError, match=r"nm\.yaml.*'mask_type.*124.*quote an N:M pattern"):
+        load_recipe(unquoted)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# caf\xe9\n".encode("latin-1") + RECIPE.encode())
+    with pytest.raises(RecipeError, match=r"latin\.yaml.*not UTF-8"):
+        load_recipe(latin)
+
+
 def test_missing_file_and_unknown_override(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -213,6 +213,16 @@ def test_bad_stsb_score_and_short_row(tmp_path):
         read_glue_tsv(GLUE_TASKS["cola"], f)
 
 
+def test_not_utf8_and_empty_files_name_the_file(tmp_path):
+    f = tmp_path / "dev.tsv"
+    f.write_bytes("sentence\tlabel\ncaf\xe9 au lait\t1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"dev\.tsv: not utf-8 text"):
+        read_glue_tsv(GLUE_TASKS["sst2"], f)
+    f = _write(tmp_path / "train.tsv", "sentence\tlabel\n")
+    with pytest.raises(DataError, match=r"train\.tsv: no data rows"):
+        read_glue_tsv(GLUE_TASKS["sst2"], f)
+
+
 def test_missing_dev_file(tmp_path, tokenizer):
     _write(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel\ngood\t1\n")
     with pytest.raises(DataError) as e:

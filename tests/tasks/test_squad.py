@@ -221,6 +221,23 @@ def test_bad_answers_name_file_and_question(tmp_path):
     assert load_squad_json(good)["data"][0]["title"] == "T"
 
 
+@pytest.mark.parametrize("break_it, words", [
+    (lambda d: d["data"].__setitem__(0, "an article"), ["data[0]", "JSON object", "str"]),
+    (lambda d: d["data"][0]["paragraphs"].__setitem__(0, "text"), ["article 0", "paragraphs[0]", "JSON object"]),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"].__setitem__(0, ["q"]), ["paragraphs[0].qas[0]", "JSON object", "list"]),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].__setitem__("answers", {"text": "x"}), ["qid-1", "'answers' must be a list"]),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"].__setitem__(0, "context"), ["qid-1", "an answer", "JSON object"]),
+], ids=["article", "paragraph", "question", "answers", "answer"])
+def test_wrong_node_types_name_file_and_place(tmp_path, break_it, words):
+    squad = _squad("short context", "context", 6)
+    break_it(squad)
+    bad = tmp_path / "types.json"
+    bad.write_text(json.dumps(squad))
+    with pytest.raises(DataError) as e:
+        load_squad_json(bad)
+    assert "types.json" in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
 # ----------------------------------------------------------------------------- end to end
 def _tiny_squad(n_paragraphs: int, offset: int) -> dict:
     people = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy"]

@@ -76,7 +76,8 @@ def evaluate_onnx(deployment_dir: str | Path, task: str | None = None, data_args
         metrics as fractions, SQuAD EM/F1 in [0, 100]).
 
     Raises:
-        DeploymentError: bad folder, or the manifest's task is only a kind (pass ``task``).
+        DeploymentError: bad folder, the manifest's task is only a kind (pass ``task``), or ``task``
+            does not fit the exported model (other task kind, or another label count).
         DataError / ValueError: missing data, unknown task.
     """
     import dataclasses
@@ -90,6 +91,7 @@ def evaluate_onnx(deployment_dir: str | Path, task: str | None = None, data_args
     if name in ("text-classification", "question-answering"):
         raise DeploymentError(f"{Path(deployment_dir) / 'manifest.json'}: task is {name!r}; pass a task name (e.g. sst2, squad)")
     task_obj = get_task(name)
+    _check_task_matches(manifest, name, task_obj, Path(deployment_dir) / "manifest.json")
     data_args = data_args or DataArgs(max_seq_length=manifest["max_seq_length"])
     if manifest.get("sequence_length"):
         data_args = dataclasses.replace(data_args, max_seq_length=min(data_args.max_seq_length, manifest["sequence_length"]))
@@ -99,3 +101,19 @@ def evaluate_onnx(deployment_dir: str | Path, task: str | None = None, data_args
     metrics: dict[str, Any] = {split: task_obj.evaluate(predictor, split, data) for split in data.evals}
     metrics.update(precision=manifest["precision"], engine=engine, data_note=data.note)
     return metrics
+
+
+def _check_task_matches(manifest: dict[str, Any], name: str, task_obj: Any, path: Path) -> None:
+    """DeploymentError when task ``name`` cannot score this deployment: another task kind than the manifest's
+    ``task_kind``, or a classifier with another label count than the manifest's ``labels``."""
+    from .specs import get_export_spec
+
+    kind = get_export_spec(name).kind
+    if kind != manifest["task_kind"]:
+        raise DeploymentError(f"{path}: task_kind is {manifest['task_kind']!r} (exported for task {manifest.get('task')!r}), "
+                              f"but --task {name} needs a {kind!r} model")
+    labels = manifest.get("labels")
+    want = getattr(task_obj, "num_labels", None)
+    if kind == "text-classification" and labels and want is not None and len(labels) != want:
+        raise DeploymentError(f"{path}: the model has {len(labels)} labels (exported for task {manifest.get('task')!r}), "
+                              f"but --task {name} has {want}")

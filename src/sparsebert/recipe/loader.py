@@ -99,7 +99,10 @@ def _read_text(recipe: str | Path) -> tuple[str, str]:
         path = Path(recipe)
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}", source=str(path))
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"not UTF-8 text ({e})", source=str(path)) from None
     return str(recipe), "<string>"
 
 
@@ -149,6 +152,10 @@ def load_recipe(recipe: str | Path, overrides: Mapping[str, Any] | None = None) 
     if not isinstance(doc, dict):
         raise RecipeError("a recipe must be a YAML mapping of variables and *_modifiers lists", source=source)
 
+    for key, value in doc.items():  # `x_modifiers: !Name {...}` without the list dash
+        if isinstance(value, _Tagged):
+            raise RecipeError(f"!{value.tag} (line {value.line}) must be an item of a '*_modifiers' list: "
+                              f"write '{key}:' and then '  - !{value.tag}' on the next line", source=source, key=str(key))
     group_keys = [k for k, v in doc.items() if str(k).endswith("modifiers") and isinstance(v, list)]
     raw_vars = {k: v for k, v in doc.items() if k not in group_keys}
     for name, value in (overrides or {}).items():
@@ -192,6 +199,8 @@ def build_modifier(cls: type, fields: dict, source: str, where: str):
         key = ".".join(str(p) for p in err["loc"]) or None
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         value = err.get("input")
+        if key and key.startswith("mask_type") and isinstance(value, int):  # YAML 1.1: 2:4 is base 60, = 124
+            msg += "; quote an N:M pattern (mask_type: \"2:4\"): unquoted, YAML reads 2:4 as the number 124"
         raise RecipeError(msg, source=source, modifier=where, key=key, value=value) from None
     modifier.set_origin(source, where)
     return modifier

@@ -167,7 +167,8 @@ def read_glue_tsv(spec: GlueTaskSpec, path: str | Path):
         (``ClassLabel`` int64 ids, or float32 score in [0, 5] for STS-B).
 
     Raises:
-        DataError: the file is missing; a needed column is absent (names file, column, header);
+        DataError: the file is missing, not ``spec.encoding`` text or has no data rows; a needed
+            column is absent (names file, column, header);
             a row is short or has a label outside ``spec.tsv_label_values`` / a score that is
             not a number in [0, 5] (names file, line number, value).
     """
@@ -178,24 +179,13 @@ def read_glue_tsv(spec: GlueTaskSpec, path: str | Path):
         raise DataError(f"GLUE {spec.name}: file not found: {path}")
     texts: list[list[str]] = [[] for _ in spec.text_columns]
     labels: list[Any] = []
-    with open(path, encoding=spec.encoding, newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = list(spec.tsv_header) if spec.tsv_header else next(reader, [])
-        needed = [*spec.tsv_text_columns, spec.tsv_label_column]
-        for col in needed:
-            if col not in header:
-                raise DataError(
-                    f"{path}: missing column {col!r}; expected columns {needed} for GLUE "
-                    f"{spec.name}, found header {header}")
-        idx = [header.index(c) for c in needed]
-        for row in reader:
-            line = reader.line_num
-            if len(row) <= max(idx):
-                raise DataError(f"{path}, line {line}: {len(row)} tab-separated fields, "
-                                f"expected {len(header)} ({header})")
-            for col_texts, i in zip(texts, idx[:-1]):
-                col_texts.append(row[i])
-            labels.append(_parse_label(spec, row[idx[-1]], path, line))
+    try:
+        with open(path, encoding=spec.encoding, newline="") as fh:
+            _read_rows(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), spec, path, texts, labels)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not {spec.encoding} text ({e}); GLUE TSV files are {spec.encoding}") from None
+    if not labels:
+        raise DataError(f"{path}: no data rows (GLUE {spec.name})")
 
     features = {c: datasets.Value("string") for c in spec.text_columns}
     if spec.is_regression:
@@ -204,6 +194,27 @@ def read_glue_tsv(spec: GlueTaskSpec, path: str | Path):
         features["label"] = datasets.ClassLabel(names=list(spec.label_names))
     data = dict(zip(spec.text_columns, texts), label=labels)
     return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+def _read_rows(reader, spec: GlueTaskSpec, path: Path, texts: list[list[str]], labels: list[Any]) -> None:
+    """Append the text columns and labels of ``reader``'s rows (header checked first); DataError as in
+    :func:`read_glue_tsv`."""
+    header = list(spec.tsv_header) if spec.tsv_header else next(reader, [])
+    needed = [*spec.tsv_text_columns, spec.tsv_label_column]
+    for col in needed:
+        if col not in header:
+            raise DataError(
+                f"{path}: missing column {col!r}; expected columns {needed} for GLUE "
+                f"{spec.name}, found header {header}")
+    idx = [header.index(c) for c in needed]
+    for row in reader:
+        line = reader.line_num
+        if len(row) <= max(idx):
+            raise DataError(f"{path}, line {line}: {len(row)} tab-separated fields, "
+                            f"expected {len(header)} ({header})")
+        for col_texts, i in zip(texts, idx[:-1]):
+            col_texts.append(row[i])
+        labels.append(_parse_label(spec, row[idx[-1]], path, line))
 
 
 def _parse_label(spec: GlueTaskSpec, value: str, path: Path, line: int) -> int | float:

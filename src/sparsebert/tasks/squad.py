@@ -37,28 +37,39 @@ def validate_squad_json(squad_json: Any, source: str = "<memory>") -> None:
 
     Raises:
         DataError: no top-level ``data`` list (message names ``source``); an article,
-            paragraph, question or answer field is missing; a question has no answer; an
+            paragraph, question or answer is not a JSON object, or a field of it is missing; a question has no answer; an
             ``answer_start`` is outside the context, or ``context[answer_start:][:len(text)]``
             differs from the answer text (message names ``source`` and the question id).
     """
     if not isinstance(squad_json, dict) or not isinstance(squad_json.get("data"), list):
         raise DataError(f"{source}: no top-level 'data' list; not a SQuAD-format JSON file")
+    def expect_object(node: Any, where: str) -> None:
+        if not isinstance(node, dict):
+            raise DataError(f"{where} must be a JSON object, got {type(node).__name__}: {str(node)[:60]!r}")
+
     for ai, article in enumerate(squad_json["data"]):
+        expect_object(article, f"{source}: data[{ai}] (an article)")
         where = f"{source}: article {ai} ({article.get('title', '?')!r})"
         if not isinstance(article.get("paragraphs"), list):
             raise DataError(f"{where} has no 'paragraphs' list")
-        for paragraph in article["paragraphs"]:
+        for pi, paragraph in enumerate(article["paragraphs"]):
+            expect_object(paragraph, f"{where}: paragraphs[{pi}]")
             context = paragraph.get("context")
             if not isinstance(context, str) or not isinstance(paragraph.get("qas"), list):
                 raise DataError(f"{where}: a paragraph lacks 'context' (str) or 'qas' (list)")
-            for qa in paragraph["qas"]:
+            for qi, qa in enumerate(paragraph["qas"]):
+                expect_object(qa, f"{where}: paragraphs[{pi}].qas[{qi}] (a question)")
                 qid = qa.get("id")
                 if qid is None or not isinstance(qa.get("question"), str):
                     raise DataError(f"{where}: a question lacks 'id' or 'question' (id={qid!r})")
                 if not qa.get("answers"):
                     raise DataError(f"{source}: question id {qid!r} has no answers "
                                     "(SQuAD v2 unanswerable questions are not supported)")
+                if not isinstance(qa["answers"], list):
+                    raise DataError(f"{source}: question id {qid!r}: 'answers' must be a list, "
+                                    f"got {type(qa['answers']).__name__}")
                 for ans in qa["answers"]:
+                    expect_object(ans, f"{source}: question id {qid!r}: an answer")
                     text, start = ans.get("text"), ans.get("answer_start")
                     if not isinstance(text, str) or not isinstance(start, int):
                         raise DataError(f"{source}: question id {qid!r}: an answer lacks "
