@@ -59,13 +59,29 @@ def test_engine_same_logits_with_and_without_fused_attention(tmp_path, monkeypat
     keep = torch.ones_like(ids)
     keep[1, 40:] = 0
     model = compile(folder, num_threads=2)
-    outs = []
-    for off in ("", "1"):
-        monkeypatch.setenv("SPARSEBERT_NO_FUSED_ATTENTION", off)
-        bert._fused_attention.cache_clear()
-        outs.append(model(input_ids=ids, attention_mask=keep).logits)
-    bert._fused_attention.cache_clear()
-    assert float((outs[0] - outs[1]).abs().max()) < 1e-5
+    calls = {"attention_t": 0, "attention_block": 0}
+    kernel, block = _kernels.load().attention_t, bert._attention_block
+
+    def attention_t(*args):
+        calls["attention_t"] += 1
+        return kernel(*args)
+
+    def attention_block(*args):
+        out = block(*args)
+        calls["attention_block"] += out is not None
+        return out
+
+    monkeypatch.setattr(bert, "_attention_block", attention_block)
+    # batch 2 on 2 threads: the fused QKV + attention + output block; batch 1: the attention kernel alone
+    for rows in (slice(0, 2), slice(1, 2)):
+        outs = []
+        for fused in (True, False):
+            # The engine takes the kernels on AVX-512 CPUs only; here they are handed over on any CPU (their
+            # portable loops where there is no AVX-512), so the fused paths run and are compared with SDPA.
+            monkeypatch.setattr(bert, "_fused_attention", lambda fused=fused: attention_t if fused else None)
+            outs.append(model(input_ids=ids[rows], attention_mask=keep[rows]).logits)
+        assert float((outs[0] - outs[1]).abs().max()) < 1e-5, rows
+    assert calls["attention_t"] and calls["attention_block"], calls
 
 
 @pytest.mark.parametrize("generic", [False, True])

@@ -38,7 +38,7 @@ def test_nm_final_and_gradual():
     assert bool(torch.gather(m.reshape(6, 4, 4), -1, top2).all())
     g = compute_masks({"w": w.abs()}, 0.25, parse_mask_type("2:4"))["w"]
     assert int((~g).sum()) == 24 and bool((g.reshape(6, 4, 4).sum(-1) >= 2).all())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sparsity 0.6 outside \[0, 0.5\] for 2:4"):
         compute_masks({"w": w.abs()}, 0.6, parse_mask_type("2:4"))
 
 
@@ -54,9 +54,10 @@ def test_global_vs_per_layer():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="divisible by 4"):
         compute_masks({"w": torch.rand(4, 6)}, 0.5, parse_mask_type("block4"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sparsity 1.0 outside \[0, 1\) for unstructured"):
         compute_masks({"w": torch.rand(4, 8)}, 1.0, parse_mask_type("unstructured"))
-    for bad in ("block5", "4:2", "0:4", "random"):
-        with pytest.raises(ValueError):
+    for bad, why in (("block5", "expected unstructured, block4"), ("4:2", "1 <= N < M"), ("0:4", "1 <= N < M"),
+                     ("random", "expected unstructured, block4")):
+        with pytest.raises(ValueError, match=rf"mask_type '{bad}': .*{why}"):
             parse_mask_type(bad)
     assert str(parse_mask_type([1, 4])) == "block4"

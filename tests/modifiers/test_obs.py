@@ -134,6 +134,58 @@ def test_obs_modifier_prunes_lowest_saliency_with_set_update():
     assert int((model.weight == 0).sum()) == 12
 
 
+class TwoTensors(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(3, 8, dtype=torch.float64))
+        self.b = torch.nn.Parameter(0.2 * torch.randn(2, 8, dtype=torch.float64))  # smaller: global ranking prunes more of b
+
+
+def test_obs_block4_global_ranks_block_saliencies_across_tensors():
+    torch.manual_seed(3)
+    model = TwoTensors()
+    grads = {"a": torch.randn(5, 3, 8, dtype=torch.float64), "b": torch.randn(5, 2, 8, dtype=torch.float64)}
+    mod = OBSPruningModifier(params=["a", "b"], init_sparsity=0.0, final_sparsity=0.5, end_epoch=1.0, num_grads=5, damp=DAMP,
+                             fisher_block_size=8, mask_type="block4", global_sparsity=True)
+    session = RecipeSession([mod], model)
+
+    def sampler(n):
+        for k in range(n):
+            for name, p in model.named_parameters():
+                p.grad = grads[name][k % 5].clone()
+            yield k
+        for p in model.parameters():
+            p.grad = None
+
+    session.state.grad_sampler = sampler
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mod.prune(session.state, 0.5)
+
+    # reference: rho_Q = 0.5 w_Q^T ([F^-1]_QQ)^-1 w_Q for each run of 4 (one Fisher block per row), the 5 lowest of
+    # all 10 blocks pruned, then each row's set update delta = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q
+    finv = {n: [exact_finv(grads[n][:, r]) for r in range(w0[n].shape[0])] for n in w0}
+    blocks = []  # (rho, name, row, start)
+    for n, w in w0.items():
+        for r in range(w.shape[0]):
+            for s in (0, 4):
+                q = list(range(s, s + 4))
+                blocks.append((float(0.5 * w[r, q] @ torch.linalg.solve(finv[n][r][q][:, q], w[r, q])), n, r, s))
+    pruned = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in w0.items()}
+    for _, n, r, s in sorted(blocks)[:5]:
+        pruned[n][r, s:s + 4] = True
+    per_tensor = {n: sorted(b for b in blocks if b[1] == n)[: len([b for b in blocks if b[1] == n]) // 2] for n in w0}
+    assert {(n, r, s) for n in w0 for _, _, r, s in per_tensor[n]} != {(n, r, s) for _, n, r, s in sorted(blocks)[:5]}
+    for n, w in w0.items():
+        expect = w.clone()
+        for r in range(w.shape[0]):
+            Q = pruned[n][r].nonzero().squeeze(1).tolist()
+            if Q:
+                expect[r] -= finv[n][r][:, Q] @ torch.linalg.solve(finv[n][r][Q][:, Q], w[r, Q])
+        expect[pruned[n]] = 0.0
+        assert torch.equal(mod.masks[n], ~pruned[n]), n
+        torch.testing.assert_close(getattr(model, n).detach(), expect, rtol=1e-7, atol=1e-9)
+
+
 def make_rows(n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
@@ -232,6 +284,11 @@ def test_oneshot_to_half(kind):
     assert sparsity(model) == pytest.approx(0.5, abs=0.005)
     moved = any(bool(((p != before[n]) & (p != 0)).any()) for n, p in encoder_weights(model).items())
     assert moved == (kind == "obs")  # OBS also updates the kept weights; magnitude only zeroes
+    if kind == "magnitude":  # which weights: per tensor, the half of the 4-blocks with the lowest |w|
+        from sparsebert.modifiers.masks import compute_masks, parse_mask_type
+
+        for n, p in encoder_weights(model).items():
+            assert torch.equal(p != 0, compute_masks({n: before[n].abs()}, 0.5, parse_mask_type("block4"))[n]), n
 
 
 def test_obs_errors(tiny_model):

@@ -67,7 +67,9 @@ def test_activation_qparams_and_observer():
     assert activation_qparams(-2.0, 1.0, symmetric=True) == pytest.approx((2.0 / 127, 0, -127, 127))
     obs = ActivationFakeQuant().train()
     x = torch.tensor([-1.0, 0.0, 1.0, 3.0])
-    assert torch.equal(obs(torch.zeros(1) + 5) * 0, torch.zeros(1))  # first observation sets the range
+    assert float(obs.min_val) == float("inf") and float(obs.max_val) == float("-inf")  # nothing observed yet
+    torch.testing.assert_close(obs(torch.tensor([5.0])), torch.tensor([5.0]))  # a range [5, 5]: 5 is exact
+    assert float(obs.min_val) == float(obs.max_val) == 5.0  # the first observation sets the range, no averaging
     obs.min_val.fill_(-1.0), obs.max_val.fill_(3.0)
     obs.observer_enabled = False
     scale = 4.0 / 255

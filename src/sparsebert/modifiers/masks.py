@@ -136,7 +136,8 @@ def compute_masks(
             pattern cannot tile.
     """
     if not 0.0 <= sparsity < 1.0 or sparsity > pattern.max_sparsity + 1e-9:
-        raise ValueError(f"sparsity {sparsity} outside [0, {min(1.0, pattern.max_sparsity)}) for {pattern}")
+        bound = "1)" if pattern.max_sparsity >= 1.0 else f"{pattern.max_sparsity}]"  # N:M keeps N of M: (M-N)/M is reachable
+        raise ValueError(f"sparsity {sparsity} outside [0, {bound} for {pattern}")
     for name, s in scores.items():
         why = check_shape(s.shape, pattern)
         if why:
