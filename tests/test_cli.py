@@ -92,6 +92,12 @@ def test_train_evaluate_sparsity_end_to_end(tiny_dir, tmp_path, shared_data, mon
     assert (out / "recipe.yaml").is_file() and (out / "config.json").is_file()
     logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in logs) and any(k.startswith("sparsity/") for r in logs for k in r)
+    # the recipe's LR function drives the optimizer: linear 1e-3 -> 0 over 2 epochs of 4 steps (64 rows / 16);
+    # the LR logged at step s is the one step s ran with, at epoch (s - 1) / 4
+    lrs = {r["step"]: r["learning_rate"] for r in logs if "learning_rate" in r}
+    assert len(lrs) >= 3, logs
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(1e-3 * (1 - (step - 1) / 8), abs=1e-9), (step, lr)
     curve = [r for r in logs if "eval_validation_accuracy" in r]  # --eval-each-epoch: one point per epoch
     assert len(curve) == round(metrics["epochs"]), logs
     saved = BertForSequenceClassification.from_pretrained(out)

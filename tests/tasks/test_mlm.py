@@ -197,6 +197,14 @@ def test_masked_token_stats_match_cross_entropy():
     assert stats[:, 0].sum().item() == pytest.approx(expected.item(), rel=1e-5)
     assert stats[:, 2].tolist() == [2.0, 0.0, 1.0]
     assert stats[1].tolist() == [0.0, 0.0, 0.0]
+    # correct argmax counts only scored positions: row 0 gets one right (position 1) and one wrong (position 3);
+    # row 1 has only unscored positions, every one with argmax 0 (the value unscored labels are filled with inside)
+    logits = torch.zeros(2, 4, 11)
+    logits[0, 1, 4] = logits[0, 3, 2] = 5.0
+    logits[1, :, 0] = 5.0
+    labels = torch.full((2, 4), -100)
+    labels[0, 1], labels[0, 3] = 4, 7
+    assert masked_token_stats(logits, labels)[:, 1:].tolist() == [[1.0, 2.0], [0.0, 0.0]]
 
 
 # --------------------------------------------------------------------------- data loading and model
