@@ -115,8 +115,26 @@ def test_no_truncate_refuses_long_input(cls_deploy):
         assert client.post("/predict", json={"text": "short"}).status_code == 200
 
 
+def _torch_best_span(src, question: str, context: str, max_len: int = 64, max_answer_tokens: int = 30):
+    """Reference: PyTorch logits, then every (start <= end < start + 30) pair of context tokens tried."""
+    import torch
+    from transformers import AutoTokenizer, BertForQuestionAnswering
+
+    tok = AutoTokenizer.from_pretrained(src)
+    enc = tok(question, context, truncation="only_second", max_length=max_len, return_offsets_mapping=True)
+    with torch.no_grad():
+        out = BertForQuestionAnswering.from_pretrained(src).eval()(input_ids=torch.tensor([enc["input_ids"]]),
+                                                                    token_type_ids=torch.tensor([enc["token_type_ids"]]))
+    s_log, e_log = out.start_logits[0].tolist(), out.end_logits[0].tolist()
+    ctx = [j for j, sid in enumerate(enc.sequence_ids()) if sid == 1]
+    pairs = [(s_log[s] + e_log[e], s, e) for s in ctx for e in ctx if s <= e < s + max_answer_tokens]
+    _, s, e = max(pairs)
+    return enc["offset_mapping"][s][0], enc["offset_mapping"][e][1]
+
+
 def test_question_answering(tmp_path):
-    deploy = export_onnx(save_tiny_model(tmp_path / "qa", head="qa"), tmp_path / "d", sequence_length=64)
+    src = save_tiny_model(tmp_path / "qa", head="qa", initializer_range=0.5)  # spread-out logits: the span is decided
+    deploy = export_onnx(src, tmp_path / "d", sequence_length=64)
     context = "The Eiffel Tower is in Paris. It was finished in 1889 for the World's Fair."
     with Server(create_app(deploy, num_threads=1)) as client:
         r = client.post("/predict", json={"question": "When was it finished?", "context": context})
@@ -124,6 +142,7 @@ def test_question_answering(tmp_path):
         ans = r.json()
         assert set(ans) == {"answer", "start", "end", "score"} and 0.0 < ans["score"] <= 1.0
         assert 0 <= ans["start"] < ans["end"] <= len(context) and context[ans["start"]:ans["end"]] == ans["answer"]
+        assert (ans["start"], ans["end"]) == _torch_best_span(src, "When was it finished?", context)
         batch = client.post("/predict", json=[{"question": "Where?", "context": context}, {"question": "What?", "context": context * 5}])
         assert batch.status_code == 200 and len(batch.json()) == 2
         assert client.post("/predict", json={"question": "no context"}).status_code == 422
