@@ -86,6 +86,14 @@ def test_malformed_doc_files_name_file_and_line(tmp_path):
     truncated.write_text('<doc id="1" title="A">\nA\ntext\n')
     with pytest.raises(DataError, match="line 1 is never closed"):
         list(read_documents(truncated))
+    not_gzip = tmp_path / "corpus.gz"
+    not_gzip.write_text("plain text, not gzip\n")
+    with pytest.raises(DataError, match=r"corpus\.gz: cannot read it as \.gz \(BadGzipFile"):
+        list(read_documents(not_gzip))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.txt: not UTF-8 text"):
+        list(read_documents(latin))
 
 
 def test_real_wikipedia_sample(shared_data):

@@ -94,7 +94,7 @@ def read_documents(path: str | Path) -> Iterator[str]:
 
     Raises:
         DataError: a ``<doc>`` opened inside another or never closed (names the file and line);
-            the file is not UTF-8.
+            the file is not UTF-8; a compressed file is not what its suffix says or is truncated.
     """
     path = Path(path)
     try:
@@ -110,6 +110,8 @@ def read_documents(path: str | Path) -> Iterator[str]:
                 yield from _plain_documents(lines)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated .gz/.bz2, ...
+        raise DataError(f"{path}: cannot read it as {path.suffix or 'text'} ({type(e).__name__}: {e})") from e
 
 
 def _wiki_documents(lines: Iterable[str], path: Path) -> Iterator[str]:
