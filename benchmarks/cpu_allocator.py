@@ -36,22 +36,13 @@ from pathlib import Path
 
 from _report import ROOT, write_section
 
-LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
-JEMALLOC_TUNED = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
-
-
-def find_lib(name: str) -> str | None:
-    """Path of shared library ``name`` in the usual system folders, or None."""
-    for d in LIB_DIRS:
-        if (Path(d) / name).exists():
-            return str(Path(d) / name)
-    return None
-
+from sparsebert.allocator import JEMALLOC_CONF as JEMALLOC_TUNED
+from sparsebert.allocator import JEMALLOC_LIBS, TCMALLOC_LIBS, find_library
 
 def settings() -> tuple[dict[str, dict[str, str]], list[str]]:
     """Allocator name -> extra environment, and the names skipped because their library is missing."""
     out, skipped = {"glibc": {}}, []
-    jemalloc, tcmalloc = find_lib("libjemalloc.so.2"), find_lib("libtcmalloc_minimal.so.4")
+    jemalloc, tcmalloc = find_library(JEMALLOC_LIBS), find_library(TCMALLOC_LIBS)
     if jemalloc:
         out["jemalloc"] = {"LD_PRELOAD": jemalloc}
         out["jemalloc-tuned"] = {"LD_PRELOAD": jemalloc, "MALLOC_CONF": JEMALLOC_TUNED}

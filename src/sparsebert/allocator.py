@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["JEMALLOC_CONF", "loaded_allocator", "allocator_hint"]
+__all__ = ["JEMALLOC_CONF", "JEMALLOC_LIBS", "TCMALLOC_LIBS", "allocator_hint", "find_library", "loaded_allocator"]
 
 #: PyTorch's tuning guide's jemalloc settings: keep freed pages for reuse (never decay them back to the OS).
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
-_LIBS = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "jemalloc": ("libjemalloc.so.2",)}
+TCMALLOC_LIBS, JEMALLOC_LIBS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), ("libjemalloc.so.2",)
 
 
 def loaded_allocator(maps: str | None = None) -> str:
@@ -40,7 +40,8 @@ def loaded_allocator(maps: str | None = None) -> str:
     return "glibc"
 
 
-def _find(names: tuple[str, ...], lib_dirs: tuple[str, ...]) -> str | None:
+def find_library(names: tuple[str, ...], lib_dirs: tuple[str, ...] = _LIB_DIRS) -> str | None:
+    """Path of the first of ``names`` (shared-library file names) found in ``lib_dirs``, or None."""
     for d in lib_dirs:
         for n in names:
             if (Path(d) / n).exists():
@@ -73,7 +74,7 @@ def allocator_hint(maps: str | None = None, environ: dict[str, str] | None = Non
     why = ("CPU training under glibc malloc: the kernel pages freed activations in again every step; preloading "
            "tcmalloc or tuned jemalloc ran the training loop 1.5x faster on 2 cores (BENCHMARKS.md, "
            "'CPU training: glibc malloc vs jemalloc vs tcmalloc'). ")
-    tcmalloc, jemalloc = _find(_LIBS["tcmalloc"], lib_dirs), _find(_LIBS["jemalloc"], lib_dirs)
+    tcmalloc, jemalloc = find_library(TCMALLOC_LIBS, lib_dirs), find_library(JEMALLOC_LIBS, lib_dirs)
     if tcmalloc:
         return why + f"Run: LD_PRELOAD={tcmalloc} sparsebert train ..."
     if jemalloc:
