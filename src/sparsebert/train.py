@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
 from .allocator import allocator_hint
+from .atomic import write_json_atomic
 from .integrations import JsonlLoggerCallback, SparseTrainer, StopOnSignalCallback
 from .models import load_pretrained, resolve_model
 from .recipe import load_recipe
@@ -83,14 +83,6 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool) -
         raise OutputDirError(f"--resume: output dir {out} has no checkpoint to resume from")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _is_rank0() -> bool:
