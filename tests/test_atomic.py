@@ -43,3 +43,15 @@ def test_replace_dir_swaps_in_the_new_folder(tmp_path):
 def test_replace_dir_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         replace_dir(tmp_path / "nope", tmp_path / "deploy")
+
+
+def test_replace_dir_over_a_file_and_a_stale_old_file(tmp_path):
+    dst = tmp_path / "deploy"
+    dst.write_text("a file where the folder goes")
+    (tmp_path / "deploy.old").write_text("stale")
+    src = tmp_path / "deploy.tmp"
+    src.mkdir()
+    (src / "model.onnx").write_text("x")
+    replace_dir(src, dst)
+    assert dst.is_dir() and [x.name for x in dst.iterdir()] == ["model.onnx"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["deploy"]

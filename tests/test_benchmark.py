@@ -29,7 +29,9 @@ def test_json_output_keys(deployments):
     dense, _ = deployments
     result = runner.invoke(app, ["benchmark", str(dense), "--iterations", "5", "--warmup", "1", "--sequence-length", "16", "--num-threads", "1", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)  # the progress bars do not touch stdout...
+    assert "benchmark warm-up:" in result.stderr and "0/1" in result.stderr  # ...they go to stderr
+    assert "benchmark:" in result.stderr and "0/5" in result.stderr
     assert report["config"]["batch_size"] == 1 and report["config"]["sequence_length"] == 16
     (row,) = report["results"]
     assert row["engine"] == "onnxruntime" and row["iterations"] == 5 and row["speedup_vs_first"] == 1.0
@@ -82,6 +84,11 @@ def test_bad_dirs_and_shapes(deployments, tmp_path):
         run_benchmark(tmp_path / "nowhere", iterations=1)
     result = runner.invoke(app, ["benchmark", str(static), "--iterations", "0"])
     assert result.exit_code == 2 and "--iterations" in result.output
+    for flag, value in (("--time", "-1"), ("--time", "0"), ("--warmup", "-1")):  # refused before any engine runs
+        result = runner.invoke(app, ["benchmark", str(static), flag, value])
+        assert result.exit_code == 2 and f"{flag} {float(value) if flag == '--time' else value}: must be" in result.output
+    with pytest.raises(DeploymentError, match=r"^--iterations 0: must be >= 1$"):
+        run_benchmark(static, iterations=0)
     # a manifest without a field the engines read, and a folder without its graph, name what is missing
     import json
     import shutil

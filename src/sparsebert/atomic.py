@@ -46,7 +46,8 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
     ``src`` must be a sibling of ``dst`` (same file system). An existing ``dst`` is first renamed to
     ``dst.old`` and deleted only after ``src`` is in place, so at every instant either the old or
-    the new folder exists under a known name. Returns ``dst``.
+    the new folder exists under a known name. ``dst`` (or a stale ``dst.old``) may also be a file,
+    which is replaced the same way. Returns ``dst``.
 
     Raises:
         FileNotFoundError: ``src`` does not exist.
@@ -56,11 +57,17 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder to move into {dst}")
     old = dst.with_name(dst.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    _remove(old)
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
+    _remove(old)
     return dst
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder tree if it exists (a stale ``.old`` may be either)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -8,11 +8,13 @@ first target are reported. Times are wall clock (``time.perf_counter``) per engi
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from .deployment import ENGINES, DeploymentError, create_engine, load_manifest, random_inputs, register_engine
 
@@ -78,6 +80,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Measure ``deployment_dir`` with ``engine`` and every ``compare`` target, interleaved.
 
+    Progress bars (warm-up, then measuring) go to stderr, never stdout (``--json`` prints there).
+
     Args:
         batch_size / sequence_length: input shape (default: the export's static shape, else batch 1
             and the manifest's ``max_seq_length``).
@@ -93,31 +97,48 @@ def run_benchmark(
         first target / p50 of this one; > 1 = faster).
 
     Raises:
-        DeploymentError: missing manifest, unknown engine/target, incompatible static shapes.
+        DeploymentError: missing manifest, unknown engine/target, incompatible static shapes,
+            ``warmup < 0``, ``time_s <= 0`` or ``iterations < 1``.
     """
+    if warmup < 0:
+        raise DeploymentError(f"--warmup {warmup}: must be >= 0")
+    if time_s is not None and not time_s > 0:
+        raise DeploymentError(f"--time {time_s}: must be > 0 seconds")
+    if iterations is not None and iterations < 1:
+        raise DeploymentError(f"--iterations {iterations}: must be >= 1")
     targets = parse_targets(deployment_dir, engine, compare)
     batch, seq = _shape(targets, batch_size, sequence_length)
     runners = [(create_engine(t.engine, t.deployment_dir, num_threads), random_inputs(t.deployment_dir, batch, seq, seed)) for t in targets]
-    for run, feeds in runners:
-        for _ in range(warmup):
-            run(feeds)
+    with tqdm(total=warmup * len(runners), desc="benchmark warm-up", unit="call", leave=False, file=sys.stderr) as bar:
+        for run, feeds in runners:
+            for _ in range(warmup):
+                run(feeds)
+                bar.update(1)
     if time_s is None and iterations is None:
         time_s = 10.0
     times: list[list[float]] = [[] for _ in targets]
+    # the bar counts rounds (one call per target) when --iterations is given, else seconds of --time
+    if iterations is not None:
+        bar = tqdm(total=iterations, desc="benchmark", unit="round", leave=False, file=sys.stderr)
+    else:
+        bar = tqdm(total=time_s, desc="benchmark", unit="s", leave=False, file=sys.stderr,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s")
     start, rnd = time.perf_counter(), 0
-    while True:
-        if iterations is not None and rnd >= iterations:
-            break
-        if time_s is not None and rnd > 0 and time.perf_counter() - start >= time_s:
-            break
-        order = list(range(len(targets)))
-        order = order[rnd % len(order):] + order[:rnd % len(order)]  # rotate who goes first
-        for i in order:
-            run, feeds = runners[i]
-            t0 = time.perf_counter()
-            run(feeds)
-            times[i].append(time.perf_counter() - t0)
-        rnd += 1
+    with bar:
+        while True:
+            if iterations is not None and rnd >= iterations:
+                break
+            if time_s is not None and rnd > 0 and time.perf_counter() - start >= time_s:
+                break
+            order = list(range(len(targets)))
+            order = order[rnd % len(order):] + order[:rnd % len(order)]  # rotate who goes first
+            for i in order:
+                run, feeds = runners[i]
+                t0 = time.perf_counter()
+                run(feeds)
+                times[i].append(time.perf_counter() - t0)
+            rnd += 1
+            bar.update(1 if iterations is not None else min(time.perf_counter() - start, time_s) - bar.n)
     rows = []
     for t, ts in zip(targets, times):
         ms = np.asarray(ts) * 1e3

@@ -57,6 +57,7 @@ def train(
     warmup_ratio: float = typer.Option(0.0),
     weight_decay: float = typer.Option(0.0),
     logging_steps: int = typer.Option(50),
+    save_steps: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N optimizer steps instead of at each epoch end: a kill (OOM, SIGKILL) then loses at most N steps, not a whole epoch; --resume continues from the last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output dir."),
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in the output dir."),
     fp16: bool = typer.Option(False),
@@ -78,8 +79,8 @@ def train(
         data=_data_args(data_dir, train_file, validation_file, max_seq_length, max_train_samples, max_eval_samples, seed, doc_stride, split_by_article, task,
                         pad_to_max_length),
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, logging_steps=logging_steps, overwrite=overwrite, resume=resume, fp16=fp16, bf16=bf16,
-        eval_each_epoch=eval_each_epoch, group_by_length=group_by_length,
+        weight_decay=weight_decay, logging_steps=logging_steps, save_steps=save_steps, overwrite=overwrite, resume=resume,
+        fp16=fp16, bf16=bf16, eval_each_epoch=eval_each_epoch, group_by_length=group_by_length,
     )
     cfg.data.streaming = streaming
     _run_and_report(run_train, cfg, output_dir)
@@ -97,11 +98,13 @@ def evaluate(
     max_eval_samples: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(64),
     seed: int = typer.Option(42),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this file (its folder is created; an existing file needs --overwrite)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
     engine: str = typer.Option("onnxruntime", help="For a deployment folder (manifest.json): the engine that runs it."),
     pad_to_max_length: bool = typer.Option(True, help="SQuAD: pad every window to max_seq_length (run_qa.py's default); --no-pad-to-max-length pads each batch to its longest window (~3x faster on a CPU)."),
 ):
     """Evaluate a model (trained folder, HF id, or `sparsebert export` deployment folder) on the task's dev split(s)."""
+    from .atomic import write_json_atomic
     from .deployment import DeploymentError, load_manifest
     from .evaluate import run_evaluate
     from .export import evaluate_onnx
@@ -109,6 +112,10 @@ def evaluate(
 
     if not Path(model).exists() and model.startswith((".", "/", "runs", "deploy")):
         _fail(f"model folder not found: {model}")
+    if json_out and json_out.is_dir():
+        _fail(f"--json {json_out} is a folder; name a file")
+    if json_out and json_out.exists() and not overwrite:  # checked before the (slow) evaluation
+        _fail(f"--json {json_out} already exists; pass --overwrite to replace it")
     data = _data_args(data_dir, None, validation_file, max_seq_length, None, max_eval_samples, seed, doc_stride, split_by_article, task,
                       pad_to_max_length)
     try:
@@ -122,7 +129,11 @@ def evaluate(
         _fail(str(e))
     _print_metrics(metrics)
     if json_out:
-        json_out.write_text(json.dumps(metrics, indent=2))
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(json_out, metrics)
+        except OSError as e:
+            _fail(f"--json {json_out}: cannot write the metrics ({e})")
 
 
 @app.command()
@@ -251,7 +262,7 @@ def main() -> None:  # pragma: no cover - console entry
 def oneshot(
     task: str = typer.Option(..., help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, squad"),
     recipe: Path = typer.Option(..., help="Pruning recipe (GMP, OBS or movement modifiers); pruned straight to final_sparsity."),
-    output_dir: Path = typer.Option(..., help="Where the pruned model, recipe.yaml and metrics.json go."),
+    output_dir: Path = typer.Option(..., help="Where the pruned model, recipe.yaml, oneshot_log.jsonl (one line per pruning modifier), SQuAD's predictions.json and metrics.json go."),
     model: Optional[str] = typer.Option(None, help="Fine-tuned model folder or HF id (default: packaged all-MiniLM-L6-v2)."),
     recipe_args: Optional[str] = typer.Option(None, help='JSON overrides of recipe variables.'),
     num_calibration_samples: int = typer.Option(512, help="Training examples (seeded subset) used for calibration gradients."),

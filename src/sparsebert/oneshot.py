@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import tempfile
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from .modifiers import DistillationModifier, GradualPruningModifier, MovementPruningModifier, PerLayerDistillationModifier
 from .recipe import Recipe, load_recipe
@@ -83,7 +85,7 @@ def make_grad_sampler(model: torch.nn.Module, loader) -> Callable[[int], Any]:
 
 
 def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_calibration_samples: int = 512,
-            batch_size: int = 16) -> torch.nn.Module:
+            batch_size: int = 16, log_path: str | Path | None = None) -> torch.nn.Module:
     """Prune ``model`` in place with ``recipe`` at each pruning modifier's ``final_sparsity``; no training.
 
     Args:
@@ -100,6 +102,9 @@ def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_cal
         batch_size: rows per calibration gradient. OBS draws ``num_grads`` gradients, cycling
             through the ``ceil(N / batch_size)`` batches when there are fewer (repeats add no
             information, so ``num_grads <= N / batch_size`` saves time).
+        log_path: append one JSON line per pruning modifier applied to this file: ``modifier`` (class
+            name), ``index`` (position among the pruners), ``seconds`` (wall time, scoring included),
+            ``sparsity`` (the modifier's sparsity after pruning, a fraction).
 
     Returns:
         ``model``, pruned (weights exactly zero; masks are not kept).
@@ -122,15 +127,21 @@ def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_cal
     state.steps_per_epoch = 1.0  # one "epoch" of one step: the whole schedule collapses into it
     for m in session.modifiers:
         m.initialize(state)
-    for m in pruners:
+    for i, m in enumerate(pruners):
+        t0 = time.time()
         state.epoch = m.end_epoch
         if isinstance(m, MovementPruningModifier):
             state.epoch = m.start_epoch  # movement scores accumulate while the modifier is active
-            for _ in state.grad_sampler(len(loader)):
+            batches = state.grad_sampler(len(loader))
+            for _ in tqdm(batches, total=len(loader), desc="movement scores", unit="batch", leave=False):
                 m.on_gradients(state)
-        t0 = time.time()
-        m.prune(state, m.final_sparsity)
-        logger.info("oneshot: %s to %.3f sparsity in %.1f s", type(m).__name__, m.sparsity, time.time() - t0)
+        m.prune(state, m.final_sparsity)  # OBS shows its own progress bar over the calibration gradients
+        seconds = time.time() - t0
+        logger.info("oneshot: %s to %.3f sparsity in %.1f s", type(m).__name__, m.sparsity, seconds)
+        if log_path is not None:  # append-only: a killed run keeps the lines of the modifiers it finished
+            record = {"modifier": type(m).__name__, "index": i, "seconds": round(seconds, 3), "sparsity": float(m.sparsity)}
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
     session.finalize()
     return model
 
@@ -156,10 +167,14 @@ def run_oneshot(cfg: OneshotConfig) -> dict[str, Any]:
     """Prune ``cfg.model`` one-shot on ``cfg.task``'s training rows, evaluate on its dev split(s), save.
 
     Calibration rows: a seeded random subset of ``num_calibration_samples`` training examples.
-    Output folder: ``save_pretrained`` model + tokenizer, ``recipe.yaml``, ``metrics.json``.
+    Output folder: ``save_pretrained`` model + tokenizer (moved in whole, see
+    :func:`~sparsebert.train.save_model_files`), ``recipe.yaml``, ``oneshot_log.jsonl`` (one line per
+    pruning modifier, see :func:`oneshot`), the task's predictions (SQuAD: ``predictions.json``,
+    ``article_split.json``) and, last, ``metrics.json``.
 
     Raises:
-        OutputDirError, RecipeError, DataError, ValueError: before any pruning.
+        OutputDirError, RecipeError, DataError, ModelLoadError, ValueError: before any pruning, and before
+        ``--overwrite`` deletes the old output folder.
     """
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -167,25 +182,27 @@ def run_oneshot(cfg: OneshotConfig) -> dict[str, Any]:
     from .recipe import load_recipe
     from .sparsity import encoder_linear_sparsity
     from .tasks import get_task
-    from .train import OutputDirError, prepare_output_dir, write_json_atomic
+    from .atomic import write_json_atomic, write_text_atomic
+    from .train import check_output_dir, prepare_output_dir, save_model_files
 
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # prepare_output_dir would suggest --resume
-        raise OutputDirError(f"output dir {out} is not empty; pass --overwrite to replace it")
+    model_path = resolve_model(cfg.model)
+    inputs = {"--model": model_path}
+    check_output_dir(cfg.output_dir, cfg.overwrite, resume=False, inputs=inputs, resumable=False)  # fail fast
     set_seed(cfg.seed)
     task = get_task(cfg.task)
-    model_path = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, cfg.recipe_args)
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model_path, "--model")
     model = load_pretrained(task.build_model, model_path, "--model")
-    out = prepare_output_dir(out, cfg.overwrite, resume=False)  # after loading: a bad --model keeps the old dir
     data_args = dataclasses.replace(cfg.data, max_train_samples=cfg.num_calibration_samples, seed=cfg.seed)
     data = task.load_data(tokenizer, data_args, need_train=True)
     if data.note:
         logger.warning("data: %s", data.note)
+    # only now, with model and data loaded: a bad --model or --data-dir keeps the old folder
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, resume=False, inputs=inputs, resumable=False)
 
     t0 = time.time()
-    oneshot(model, recipe, data.train, task.data_collator(tokenizer), cfg.num_calibration_samples, cfg.batch_size)
+    oneshot(model, recipe, data.train, task.data_collator(tokenizer), cfg.num_calibration_samples, cfg.batch_size,
+            log_path=out / "oneshot_log.jsonl")
     prune_seconds = time.time() - t0
 
     metrics: dict[str, Any] = {"task": task.name, "model": model_path, "recipe": cfg.recipe}
@@ -201,8 +218,8 @@ def run_oneshot(cfg: OneshotConfig) -> dict[str, Any]:
         calibration_samples=len(data.train),
         data_note=data.note,
     )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (Path(out) / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    write_json_atomic(Path(out) / "metrics.json", metrics)
+    save_model_files(out, model.save_pretrained, tokenizer.save_pretrained)
+    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+    task.save_predictions(out)  # SQuAD: predictions.json and article_split.json, as `train` writes them
+    write_json_atomic(out / "metrics.json", metrics)  # last: its presence means the folder is complete
     return metrics

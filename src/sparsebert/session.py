@@ -76,6 +76,12 @@ class RecipeSession:
         return self.recipe.modifiers
 
     @property
+    def has_state(self) -> bool:
+        """True when a modifier keeps resumable state (masks, schedule counters, quantization): it
+        overrides :meth:`Modifier.state_dict`, so a resume without :data:`SESSION_STATE_FILE` would lose it."""
+        return any(type(m).state_dict is not Modifier.state_dict for m in self.modifiers)
+
+    @property
     def has_lr_schedule(self) -> bool:
         """True when the recipe sets the learning rate."""
         return any(isinstance(m, (LearningRateFunctionModifier, SetLearningRateModifier)) for m in self.modifiers)
@@ -84,8 +90,14 @@ class RecipeSession:
     def start(self, steps_per_epoch: float, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> None:
         """Training begins (or resumes at ``step``): initialize modifiers, apply due pruning.
 
+        Args:
+            steps_per_epoch: optimizer steps per epoch (global, > 0; may be fractional).
+            optimizer: the training optimizer (modifiers that touch its state use it).
+            step: global optimizer steps already taken (0 for a fresh run).
+
         Raises:
             RuntimeError: called twice.
+            ValueError: ``steps_per_epoch <= 0``.
         """
         if self._started:
             raise RuntimeError("RecipeSession.start() called twice")
@@ -191,10 +203,23 @@ class RecipeSession:
         return path
 
     def load(self, directory: str | os.PathLike) -> bool:
-        """Load state saved by :meth:`save`; returns False when the directory has none."""
+        """Load state saved by :meth:`save` from checkpoint folder ``directory``.
+
+        Returns True when loaded; False when the folder has no state file and the recipe keeps no
+        state (:attr:`has_state` is False), so there is nothing to restore.
+
+        Raises:
+            ValueError: the file is missing although the recipe keeps state (re-deriving the masks
+                would silently continue on different ones), or it holds state for another recipe
+                (:class:`~sparsebert.recipe.RecipeError`, a ``ValueError``, for masks of unknown parameters).
+        """
         path = Path(directory) / SESSION_STATE_FILE
         if not path.is_file():
-            logger.warning("no %s in %s: masks will be re-derived from the schedule", SESSION_STATE_FILE, directory)
+            if self.has_state:
+                raise ValueError(
+                    f"checkpoint {directory} has no {SESSION_STATE_FILE} (the recipe's masks and schedule state): "
+                    "it was not completely written; resume from a complete checkpoint-* folder or start again")
+            logger.info("no %s in %s: the recipe keeps no state to restore", SESSION_STATE_FILE, directory)
             return False
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return True

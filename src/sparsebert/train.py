@@ -12,26 +12,28 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
 from .allocator import allocator_hint
-from .atomic import write_json_atomic
+from .atomic import write_json_atomic, write_text_atomic
 from .integrations import JsonlLoggerCallback, SparseTrainer, StopOnSignalCallback
 from .models import load_pretrained, resolve_model
 from .recipe import load_recipe
 from .sparsity import encoder_linear_sparsity
 from .tasks import DataArgs, get_task
 
-__all__ = ["TrainConfig", "run_train", "training_arguments", "prepare_output_dir", "write_json_atomic", "OutputDirError"]
+__all__ = ["TrainConfig", "run_train", "training_arguments", "check_output_dir", "prepare_output_dir", "save_model_files",
+           "write_json_atomic", "OutputDirError"]
 
 logger = logging.getLogger(__name__)
 
 
 class OutputDirError(ValueError):
-    """The output directory cannot be used as asked (non-empty without --overwrite/--resume)."""
+    """The output directory cannot be used as asked: a file, an input model's folder (or inside/around one),
+    or non-empty without --overwrite/--resume."""
 
 
 @dataclasses.dataclass
@@ -54,6 +56,7 @@ class TrainConfig:
     seed: int = 42
     logging_steps: int = 50
     save_total_limit: int = 1
+    save_steps: int | None = None
     overwrite: bool = False
     resume: bool = False
     fp16: bool = False
@@ -63,24 +66,59 @@ class TrainConfig:
     group_by_length: bool = False
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
-    """Create ``path``; refuse a non-empty one unless ``overwrite`` (wipe) or ``resume`` (keep).
+def check_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool,
+                     inputs: dict[str, str | None] | None = None, resumable: bool = True) -> Path:
+    """Refuse an output dir that cannot be used, touching nothing (so a job can fail before slow loading).
+
+    Args:
+        inputs: command-line flag -> the path it reads (``{"--model": ..., "--teacher": ...}``); values
+            that are not existing local paths (hub ids, ``None``) are skipped.
+        resumable: the job has a ``--resume`` (only changes the hint of the "not empty" error).
 
     Raises:
-        OutputDirError: non-empty directory and neither flag; or ``resume`` with nothing to resume.
+        OutputDirError: ``path`` is a file; it is, contains or lies inside an ``inputs`` path (``--overwrite``
+            would delete the model it reads, or its output would mix with it); non-empty and neither
+            ``overwrite`` nor ``resume``; ``resume`` with nothing to resume.
     """
     out = Path(path)
-    if not _is_rank0():  # under torchrun only rank 0 judges (and wipes) the folder
-        out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output dir {out} is a file, not a folder; choose another --output-dir")
+    for flag, src in (inputs or {}).items():
+        _refuse_overlap(out, flag, src)
+    if not _is_rank0():  # under torchrun only rank 0 judges (and wipes) the folder's contents
         return out
-    if out.exists() and any(out.iterdir()):
-        if resume:
-            return out
-        if not overwrite:
-            raise OutputDirError(f"output dir {out} is not empty; pass --overwrite to replace it or --resume to continue")
-        shutil.rmtree(out)
-    elif resume:
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not (overwrite or resume):
+        hint = "pass --overwrite to replace it or --resume to continue" if resumable else "pass --overwrite to replace it"
+        raise OutputDirError(f"output dir {out} is not empty; {hint}")
+    if resume and not non_empty:
         raise OutputDirError(f"--resume: output dir {out} has no checkpoint to resume from")
+    return out
+
+
+def _refuse_overlap(out: Path, flag: str, src: str | None) -> None:
+    """OutputDirError when ``out`` is, contains or lies inside the existing local path ``src`` of ``flag``."""
+    if not src or not Path(src).exists():
+        return  # a hub id (or no such input): nothing on disk to protect
+    o, s = out.resolve(), Path(src).resolve()
+    relation = "is" if o == s else "contains" if o in s.parents else "is inside" if s in o.parents else None
+    if relation:
+        raise OutputDirError(f"output dir {out} {relation} the {flag} path {src}; choose an --output-dir outside it")
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool, resume: bool,
+                       inputs: dict[str, str | None] | None = None, resumable: bool = True) -> Path:
+    """Create ``path``; refuse a non-empty one unless ``overwrite`` (wipe) or ``resume`` (keep).
+
+    Call it after everything that can fail on bad input (models, data) has loaded: ``overwrite``
+    deletes the old contents here. ``inputs``/``resumable``: as in :func:`check_output_dir`.
+
+    Raises:
+        OutputDirError: as :func:`check_output_dir`.
+    """
+    out = check_output_dir(path, overwrite, resume, inputs, resumable)
+    if _is_rank0() and not resume and out.is_dir() and any(out.iterdir()):
+        shutil.rmtree(out)  # non-empty without resume: check_output_dir saw --overwrite
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -89,25 +127,40 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _save_final(trainer, tokenizer, out: Path) -> None:
-    """save_pretrained into a temporary folder, then move the files in (no half-written model)."""
+def save_model_files(out: Path, *savers: Callable[[str], Any]) -> None:
+    """Run each saver (``model.save_pretrained``, ``tokenizer.save_pretrained``, ...) into the temporary
+    folder ``out/.final.tmp``, then move its files into ``out``: a kill mid-save never leaves a truncated
+    ``model.safetensors`` in place of a good one.
+
+    A stale ``metrics.json`` (a previous save of this folder, e.g. a run stopped early and resumed) is
+    deleted before the first file moves in: the caller writes ``metrics.json`` last, so its presence keeps
+    meaning "the files next to it belong to a finished save".
+    """
     tmp = out / ".final.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    for save in savers:
+        save(str(tmp))
+    (out / "metrics.json").unlink(missing_ok=True)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
+
+
+def _save_final(trainer, tokenizer, out: Path) -> None:
+    """The trained model and tokenizer into ``out`` (see :func:`save_model_files`)."""
+    save_model_files(out, trainer.save_model, tokenizer.save_pretrained)
 
 
 def training_arguments(cfg: TrainConfig, output_dir: str | os.PathLike, epochs: float) -> TrainingArguments:
     """The Hugging Face ``TrainingArguments`` of a ``sparsebert train`` run (one place, so tests see what runs).
 
     ``cfg.group_by_length`` selects HF's ``LengthGroupedSampler`` (``train_sampling_strategy``); the
-    recipe's modifiers, not these arguments, set the learning-rate schedule.
+    recipe's modifiers, not these arguments, set the learning-rate schedule. Checkpoints: at each epoch end,
+    or every ``cfg.save_steps`` optimizer steps when set (a kill then loses at most that many steps).
     """
     report_to = ["tensorboard"] if _has_tensorboard() else []
+    save = dict(save_strategy="steps", save_steps=cfg.save_steps) if cfg.save_steps else dict(save_strategy="epoch")
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
@@ -118,7 +171,7 @@ def training_arguments(cfg: TrainConfig, output_dir: str | os.PathLike, epochs: 
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
-        save_strategy="epoch",
+        **save,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="no",
         report_to=report_to,
@@ -141,7 +194,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     Output folder: ``save_pretrained`` files, ``recipe.yaml`` (the recipe as applied),
     ``metrics.json`` (eval metrics, measured sparsity, wall time, data notes),
-    ``train_log.jsonl`` (one JSON line per log step), ``runs/`` (TensorBoard), ``checkpoint-*``.
+    ``train_log.jsonl`` (one JSON line per log step; a resume drops the lines after its checkpoint and adds a marker), ``runs/`` (TensorBoard), ``checkpoint-*``.
     SIGTERM/SIGUSR1 stop the run at the next step with a checkpoint (see :class:`StopOnSignalCallback`);
     the model and metrics are still written, ``metrics.json`` then holds ``stopped_early``.
 
@@ -157,17 +210,20 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     model_path = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, cfg.recipe_args) if cfg.recipe else None
 
-    # models first: a bad --model/--teacher must fail before --overwrite wipes the output dir
+    inputs = {"--model": model_path, "--teacher": cfg.teacher}
+    check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume, inputs)  # fail fast, before the slow loading
+
+    # models and data first: a bad --model/--teacher/--data-dir must fail before --overwrite wipes the output dir
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model_path, "--model")
     model = load_pretrained(task.build_model, model_path, "--model")
     teacher = None
     if cfg.teacher:
         teacher = load_pretrained(task.build_model, cfg.teacher, "--teacher")
         _check_same_head(model, teacher, cfg.teacher)
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
     data = task.load_data(tokenizer, cfg.data, need_train=True)
     if data.note:
         logger.warning("data: %s", data.note)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume, inputs)
 
     epochs = cfg.epochs or (recipe.num_epochs if recipe else None) or 3.0
     args = training_arguments(cfg, out, epochs)
@@ -210,7 +266,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             _save_final(trainer, tokenizer, out)
             trainer.session.save_artifacts(out)  # e.g. quantization.json of QAT
             if recipe is not None:
-                (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+                write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
             task.save_predictions(out)
             write_json_atomic(out / "metrics.json", metrics)
         if stop.received and stop.stopped_at is None:
@@ -242,6 +298,8 @@ class EpochEvalCallback(TrainerCallback):
         self.trainer, self.task, self.data = trainer, task, data
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        """Evaluate every split of ``self.data.evals`` and log its numeric metrics as ``eval_<split>_<metric>``
+        (at ``state.global_step``); the model goes back to train mode afterwards. ``control`` is unchanged."""
         logs = {}
         for split in self.data.evals:
             for k, v in self.task.evaluate(self.trainer, split, self.data).items():

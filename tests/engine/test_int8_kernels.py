@@ -121,6 +121,15 @@ def test_int8_bad_inputs():
         lin(torch.full((2, 12), float("inf")))
     with pytest.raises(ValueError, match="2:4"):
         SparseLinearInt8.from_dense(torch.randn(8, 12), pattern="2:4")
+    # a wrong dtype is a TypeError, a wrong shape a ValueError, as for the FP32 SparseLinear.from_dense
+    with pytest.raises(TypeError, match="float32"):
+        SparseLinearInt8.from_dense(torch.zeros(8, 12, dtype=torch.float16))
+    with pytest.raises(TypeError, match="bias must be a float32"):
+        SparseLinearInt8.from_dense(torch.zeros(8, 12), torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2-D"):
+        SparseLinearInt8.from_dense(torch.zeros(8))
+    with pytest.raises(ValueError, match=r"\[8\]"):
+        SparseLinearInt8.from_dense(torch.zeros(8, 12), torch.zeros(7))
     assert lin(torch.zeros(0, 12)).shape == (0, 8)
 
 

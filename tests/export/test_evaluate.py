@@ -118,3 +118,25 @@ def test_cli_evaluate_takes_a_deployment_folder(tmp_path, shared_data):
     assert res.exit_code == 0, res.output
     got = json.loads(out.read_text())
     assert got["engine"] == "onnxruntime" and got["validation"] == pytest.approx(ref["validation"])
+
+
+def test_engine_predictor_batches_in_order_with_a_progress_bar(capsys):
+    """A fake engine (logit = row sum): 7 rows of several lengths in batches of 3 come back in order, and the
+    bar (stderr) counts the 3 batches."""
+    import datasets
+    import numpy as np
+
+    from sparsebert.export.evaluate import EnginePredictor
+
+    ids = [[i + 1] * (1 + i % 3) for i in range(7)]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": [i % 2 for i in range(7)]})
+    manifest = {"inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "task_kind": "text-classification"}
+
+    def run(feeds):
+        return [feeds["input_ids"].sum(axis=1, keepdims=True).astype(np.float32)]
+
+    out = EnginePredictor(run, manifest, batch_size=3).predict(rows)
+    assert out.predictions[:, 0].tolist() == [float(sum(x)) for x in ids]
+    assert out.label_ids.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    err = capsys.readouterr().err
+    assert "predict:" in err and "0/3" in err

@@ -134,6 +134,28 @@ def test_obs_modifier_prunes_lowest_saliency_with_set_update():
     assert int((model.weight == 0).sum()) == 12
 
 
+def test_obs_step_shows_fisher_progress_and_logs_time_and_sparsity(caplog, capsys):
+    import logging
+
+    torch.manual_seed(2)
+    model = Tiny()
+    mod = OBSPruningModifier(params=["weight"], init_sparsity=0.0, final_sparsity=0.5, end_epoch=1.0, num_grads=5, damp=DAMP,
+                             fisher_block_size=8, num_recomputations=2)
+    session = RecipeSession([mod], model)
+    session.state.grad_sampler = fixed_sampler(model.weight, torch.randn(5, 3, 8, dtype=torch.float64))
+    caplog.set_level(logging.INFO, logger="sparsebert.modifiers.pruning.obs")
+    mod.prune(session.state, 0.5)  # two sub-steps: 0.25, then 0.5
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4, messages
+    for fisher, step, target in ((messages[0], messages[1], 0.25), (messages[2], messages[3], 0.5)):
+        assert fisher.startswith("OBSPruningModifier: OBS Fisher inverse from 5 gradients in ") and fisher.endswith(" s")
+        assert step.startswith("OBSPruningModifier: OBS pruning step done in ")
+        assert step.endswith(f": sparsity {target:.4f} (target {target:.4f})")
+    err = capsys.readouterr().err  # the bar (stderr) counts the gradients towards num_grads
+    assert "OBS Fisher:" in err and "0/5" in err
+
+
 class TwoTensors(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -240,6 +240,24 @@ def test_load_data_in_memory_and_streaming(tmp_path, tokenizer):
     assert len(list(stream)) == n_blocks + 7
 
 
+def test_load_data_logs_blocks_and_shows_tokenize_progress(tmp_path, tokenizer, caplog, capsys, monkeypatch):
+    import logging
+
+    monkeypatch.setattr("sparsebert.tasks.mlm.default_shared_data_dir", lambda: None)  # no WikiText-2 split: two lines only
+    for i in range(2):
+        write_wiki(tmp_path / "AA" / f"wiki_0{i}", [f"Topic{i}x{j}" for j in range(6)])
+    n_train = len(list(iter_blocks(read_documents(tmp_path / "AA" / "wiki_00"), tokenizer, 32)))
+    caplog.set_level(logging.INFO, logger="sparsebert.tasks.mlm")
+    get_task("mlm").load_data(tokenizer, DataArgs(data_dir=str(tmp_path), max_seq_length=32, max_train_samples=5, max_eval_samples=3))
+    # the train set is packed whole (before the max_train_samples subset); the eval split stops at 3 blocks
+    assert [r.getMessage() for r in caplog.records] == [
+        "MLM: held-out text: 3 blocks of 32 tokens (96 tokens) from 6 documents read",
+        f"MLM: training text: {n_train} blocks of 32 tokens ({n_train * 32} tokens) from 6 documents read",
+    ]
+    assert n_train > 5
+    assert "MLM tokenize:" in capsys.readouterr().err
+
+
 def test_load_data_errors(tmp_path, tokenizer):
     task = get_task("mlm")
     with pytest.raises(DataError, match="does not exist"):

@@ -266,6 +266,12 @@ class CompiledBert(torch.nn.Module):
 
     Attributes: ``task_kind``, ``precision``, ``num_threads``, ``config``, ``source`` (folder or
     ``None``), ``layers`` (per block a dict name -> packed Linear module).
+
+    Raises (on construction):
+        EngineError: ``precision`` not in ``PRECISIONS``; ``num_threads`` not a positive int or ``None``;
+            ``model`` is not an encoder-only BERT with absolute position embeddings; ``model`` lacks the
+            head of ``task_kind`` (``classifier`` / ``qa_outputs``).
+        ValueError: a bad ``pattern``, or a weight that breaks an ``"n:m"`` pattern (from ``from_dense``).
     """
 
     def __init__(self, model: torch.nn.Module, task_kind: str, precision: str = "fp32", num_threads: int | None = None,
@@ -307,7 +313,8 @@ class CompiledBert(torch.nn.Module):
 
     @property
     def layers(self) -> list[dict[str, torch.nn.Module]]:
-        """Per encoder layer: its packed Linears by name (``query`` ... ``output``)."""
+        """Per encoder layer: its packed Linears by name: ``qkv`` (fused query/key/value), ``attention_output``,
+        ``intermediate`` and ``output``."""
         return [layer.linears() for layer in self.layers_]
 
     def summary(self) -> list[dict[str, Any]]:

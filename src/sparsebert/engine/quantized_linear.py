@@ -17,6 +17,12 @@ Quantization scheme (what :func:`reference_int8_linear` computes, in float64):
   depends on that token alone, not on the rest of the batch, and the fused INT8 FFN
   (:func:`fused_ffn_int8`) can quantize a 64-token tile of hidden activations as soon as it is done.
 
+Sources: affine (scale, zero point) INT8 with integer-only accumulation: Jacob et al. 2018, "Quantization and
+Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", arXiv:1712.05877. The 7-bit
+"reduce_range" activations: the FBGEMM / PyTorch x86 quantization backend and ONNX Runtime's
+``reduce_range`` option. Per-token dynamic activation quantization: Yao et al. 2022, "ZeroQuant: Efficient
+and Affordable Post-Training Quantization for Large-Scale Transformers", arXiv:2206.01861.
+
 Layouts (both in the chunked, count-sorted order of :mod:`.sparse_linear`):
 
 * ``"q8"`` (quads): 4-input quads as the ``block4`` layout with int8 values (``qval`` int8
@@ -237,15 +243,28 @@ class SparseLinearInt8(torch.nn.Module):
         ``pattern``: ``"auto"``, ``"unstructured"``, ``"block4"``, ``"n:m"`` (checked) or ``"dense"``
         (torch BLAS on the integer values). ``layout`` of the sparse ones: ``"quads"`` (``q8``),
         ``"pairs"`` (``q8p``) or ``"auto"`` (the one with less work: pairs for unstructured
-        sparsity, quads for block4 and dense weights). Raises ``ValueError``/``TypeError`` for bad shapes, dtypes or patterns.
+        sparsity, quads for block4 and dense weights).
+
+        Raises (as :meth:`SparseLinear.from_dense`):
+            ValueError: ``weight`` is not a 2-D tensor; ``bias`` is not of shape ``[N]``; ``num_threads`` is
+                not a positive int or ``None``; ``k_chunk`` is not a positive multiple of 4, ``n_block`` not
+                a positive multiple of 8; ``pattern`` or ``layout`` is unknown, or an ``"n:m"`` pattern is
+                malformed or broken by the weight; ``weight_scale`` is bad (:func:`quantize_weight`); the
+                weight has ~2**31 or more elements.
+            TypeError: ``weight`` or ``bias`` is not float32 (or ``bias`` not a tensor).
         """
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
-            got = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"weight must be a 2-D float32 tensor [out_features, in_features], got {got}")
+        if weight.dtype != torch.float32:
+            raise TypeError(f"weight must be float32 [out_features, in_features], got {weight.dtype}")
         n, k = weight.shape
         if bias is not None:
-            if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32 or tuple(bias.shape) != (n,):
-                raise ValueError(f"bias must be a float32 tensor of shape [{n}] (out_features)")
+            if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32:
+                raise TypeError(f"bias must be a float32 tensor of shape [{n}], got "
+                                f"{getattr(bias, 'dtype', type(bias).__name__)}")
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"bias must have shape [{n}] (out_features), got {list(bias.shape)}")
             bias = bias.detach().to("cpu").contiguous().clone()
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
@@ -292,6 +311,7 @@ class SparseLinearInt8(torch.nn.Module):
         return cls.from_dense(linear.weight.detach(), bias, **kwargs)
 
     def extra_repr(self) -> str:
+        """One line for ``repr(module)``: shape, INT8 layout, density and whether there is a bias."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"density={self.density:.3f}, bias={self.bias is not None}")
 

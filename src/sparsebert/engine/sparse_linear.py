@@ -78,7 +78,12 @@ ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 def apply_epilogue(y: torch.Tensor, act: str | None, minmax: torch.Tensor | None) -> torch.Tensor:
     """The kernels' epilogue in torch (for the dense and fallback paths): ``act`` in place on
-    ``y``, and ``(min, max)`` of the result into ``minmax`` when given. Returns ``y``."""
+    ``y`` (float32, any shape), and ``(min, max)`` of the result into ``minmax`` (float32 ``[2]``;
+    ``(inf, -inf)`` for an empty ``y``) when given. Returns ``y``.
+
+    Raises:
+        ValueError: ``act`` is not a key of ``ACT_CODES``.
+    """
     if act == "gelu":
         y = torch.ops.aten.gelu_(y)
     elif act == "gelu_tanh":
@@ -118,7 +123,8 @@ def kernels_available() -> bool:
 
 
 def kernel_isa() -> str:
-    """``"avx2_fma"``, ``"generic"`` (portable C++), or ``"torch"`` (no extension)."""
+    """The instruction set the kernels dispatch to: ``"avx512_vnni"``, ``"avx512f"``, ``"avx2_fma"``,
+    ``"generic"`` (portable C++), or ``"torch"`` (no extension)."""
     mod = _kernels.load()
     return mod.isa() if mod is not None else "torch"
 
@@ -185,6 +191,11 @@ def pack_weight(weight: torch.Tensor, pattern: str = "auto", k_chunk: int | None
     ``pattern``: ``"auto"`` (dense BLAS, block4 or csr from the weight's density and block
     fill), ``"unstructured"`` (csr), ``"block4"``, ``"dense"`` or ``"n:m"`` such as ``"2:4"``
     (checked, then stored as csr). ``k_chunk`` ``None`` picks one from the density.
+
+    Raises:
+        ValueError: ``pattern`` is unknown, a malformed ``"n:m"`` (not ``0 < n <= m``) or one the weight
+            breaks; ``k_chunk`` is not a positive multiple of 4; ``n_block`` is not a positive multiple
+            of 8; a sparse format would need ~2**31 or more elements (int32 indices).
     """
     w = weight.detach().to("cpu", torch.float32).contiguous()
     density = float((w != 0).sum()) / max(1, w.numel())
@@ -312,6 +323,12 @@ class SparseLinear(torch.nn.Module):
         ``pattern``: ``"auto"`` | ``"unstructured"`` | ``"block4"`` | ``"dense"`` | ``"n:m"``
         (see :func:`pack_weight`). ``k_chunk`` / ``n_block`` are tuning knobs (cache
         blocking); the defaults suit 32-48 KiB L1 caches.
+
+        Raises:
+            ValueError: ``weight`` is not a 2-D tensor; ``bias`` is not of shape ``[N]``; ``num_threads``
+                is not a positive int or ``None``; a bad ``pattern`` / ``k_chunk`` / ``n_block`` (see
+                :func:`pack_weight`).
+            TypeError: ``weight`` or ``bias`` is not float32 (or ``bias`` not a tensor).
         """
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -337,6 +354,7 @@ class SparseLinear(torch.nn.Module):
         return cls.from_dense(linear.weight.detach(), bias, **kwargs)
 
     def extra_repr(self) -> str:
+        """One line for ``repr(module)``: shape, storage format, density and whether there is a bias."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format}, density={self.density:.3f}, bias={self.bias is not None}")
 
@@ -377,7 +395,9 @@ class SparseLinear(torch.nn.Module):
         """``x`` float32 ``[..., in_features]`` -> float32 ``[..., out_features]`` (into ``out`` when given), no autograd.
 
         Raises:
-            ValueError: wrong dtype/shape of ``x`` or ``out``.
+            TypeError: ``x`` is not a tensor or not float32.
+            ValueError: ``x`` has no last dim of ``in_features`` or is not on the CPU; ``out`` is not a
+                contiguous float32 CPU tensor of shape ``[..., out_features]``.
         """
         self._check_input(x, out)
         lead = x.shape[:-1]
@@ -404,6 +424,10 @@ class SparseLinear(torch.nn.Module):
         ``[out_features, M]``. The kernel works on this layout internally, so it skips the
         two transposes of :meth:`forward` (~15-20% of its time at M = 4096); an engine
         that keeps activations feature-major between layers should call this.
+
+        Raises:
+            ValueError: ``x_t`` is not a float32 2-D tensor with ``in_features`` rows, or not on the CPU;
+                ``out`` is not a contiguous float32 tensor of shape ``[out_features, M]``.
         """
         k, n = self.in_features, self.out_features
         if (not isinstance(x_t, torch.Tensor) or x_t.dtype != torch.float32 or x_t.dim() != 2

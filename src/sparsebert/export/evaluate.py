@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ..deployment import DeploymentError, create_engine, load_manifest, run_padded
 
@@ -33,12 +34,13 @@ class EnginePredictor:
     def predict(self, dataset):
         """Run every row; returns ``PredictionOutput(predictions, label_ids, metrics=None)`` where
         ``predictions`` is the logits array ``[N, C]`` (QA: the tuple ``(start, end)``, ``[N, seq]``)
-        and ``label_ids`` the ``labels`` column (``None`` without one)."""
+        and ``label_ids`` the ``labels`` column (``None`` without one). A progress bar (stderr)
+        counts the batches, like the ``Trainer``'s."""
         from transformers.trainer_utils import PredictionOutput
 
         names = self.manifest["inputs"]
         outs: list[list[np.ndarray]] = []
-        for start in range(0, len(dataset), self.batch_size):
+        for start in tqdm(range(0, len(dataset), self.batch_size), desc="predict", unit="batch", leave=False):
             rows = dataset[start:start + self.batch_size]
             seq = max(len(x) for x in rows["input_ids"])
             feeds = {}

@@ -24,9 +24,46 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["quantize_onnx", "bake_embeddings", "INT8_FORMATS"]
+__all__ = ["quantize_onnx", "bake_embeddings", "check_quantization_state", "INT8_FORMATS"]
 
 INT8_FORMATS = ("qdq", "qoperator")
+# Fields of a quantization.json module entry that the export reads (see quantization_state).
+_MODULE_FIELDS = ("type", "weight_bits", "per_channel", "weight_scale", "activation", "activation_bits", "activation_symmetric")
+_ACTIVATION_FIELDS = ("min", "max", "scale", "zero_point", "qmin", "qmax")
+
+
+def check_quantization_state(qstate: Any) -> None:
+    """Check the structure of a parsed ``quantization.json`` before any export work.
+
+    Checks: a ``modules`` object; per module the fields the export reads, ``type`` (``linear`` or
+    ``embedding``), ``weight_bits`` (integer 2..8), ``weight_scale`` (a positive number or a
+    non-empty list of them) and ``activation`` (``null`` or an object with min/max/scale/zero_point/
+    qmin/qmax). The 8-bit activation rule is checked by :func:`quantize_onnx`.
+
+    Raises:
+        ValueError: the first problem, naming the module, the field and the value.
+    """
+    modules = qstate.get("modules") if isinstance(qstate, dict) else None
+    if not isinstance(modules, dict):
+        raise ValueError(f"field 'modules': expected an object of module name -> entry, got {modules!r}")
+    for name, entry in modules.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"module {name!r}: expected an object, got {entry!r}")
+        missing = [f for f in _MODULE_FIELDS if f not in entry]
+        if missing:
+            raise ValueError(f"module {name!r}: missing field(s) {', '.join(missing)}")
+        if entry["type"] not in ("linear", "embedding"):
+            raise ValueError(f"module {name!r} field 'type': expected 'linear' or 'embedding', got {entry['type']!r}")
+        bits = entry["weight_bits"]
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"module {name!r} field 'weight_bits': expected an integer 2..8, got {bits!r}")
+        scale = entry["weight_scale"]
+        values = scale if isinstance(scale, list) else [scale]
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"module {name!r} field 'weight_scale': expected a positive number or a non-empty list of them, got {scale!r}")
+        act = entry["activation"]
+        if act is not None and (not isinstance(act, dict) or any(f not in act for f in _ACTIVATION_FIELDS)):
+            raise ValueError(f"module {name!r} field 'activation': expected null or an object with {', '.join(_ACTIVATION_FIELDS)}, got {act!r}")
 
 
 def _quantize(w: np.ndarray, scale: np.ndarray, axis: int | None, bits: int) -> np.ndarray:
@@ -70,8 +107,10 @@ def quantize_onnx(proto, param_map: dict[str, tuple[str, bool]], qstate: dict[st
         ``(proto, param_map)``; the map also names the new INT8 initializers.
 
     Raises:
-        ValueError: unknown ``fmt``, activation bits other than 8, or a quantized module whose
-            weight is not an initializer of the graph.
+        ValueError: unknown ``fmt``, activation bits other than 8, a quantized module whose weight is
+            not an initializer of the graph, or (``qoperator``) a Gemm with transA/alpha/beta; the
+            message names the module (or node), the field and the value. ``qstate`` is assumed to
+            pass :func:`check_quantization_state`.
     """
     from onnx import helper, numpy_helper
 
@@ -93,7 +132,7 @@ def quantize_onnx(proto, param_map: dict[str, tuple[str, bool]], qstate: dict[st
                     _insert_qdq_after(graph, gather.output[0], entry["activation"], f"{module}.output", new_nodes, helper, numpy_helper)
             continue
         if module not in by_module:
-            raise ValueError(f"quantization.json module {module!r}: its weight is not an initializer of the ONNX graph")
+            raise ValueError(f"module {module!r}: its weight is not an initializer of the ONNX graph (not a Linear of this model?)")
         iname, transposed = by_module[module]
         w = numpy_helper.to_array(inits[iname]).astype(np.float32)
         scale = np.asarray(entry["weight_scale"], dtype=np.float32)
@@ -101,7 +140,7 @@ def quantize_onnx(proto, param_map: dict[str, tuple[str, bool]], qstate: dict[st
         axis = (1 if transposed else 0) if per_channel else None
         act = entry["activation"]
         if act is not None and (entry["activation_bits"] != 8):
-            raise ValueError(f"{module}: only 8-bit activations can be exported, got {entry['activation_bits']}")
+            raise ValueError(f"module {module!r} field 'activation_bits': only 8-bit activations can be exported, got {entry['activation_bits']!r}")
         q = _quantize(w, scale, axis, entry["weight_bits"])
         consumers = [n for n in graph.node if iname in n.input]
         graph.initializer.remove(inits[iname])
@@ -162,7 +201,8 @@ def _matmul_integer(node, qname: str, scale, act, prefix, graph, helper, numpy_h
     if node.op_type == "Gemm":
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or not attrs.get("transB", 0):
-            raise ValueError(f"{node.name}: only Gemm(transB=1, alpha=beta=1) is supported by the qoperator format")
+            raise ValueError(f"ONNX node {node.name}: int8_format 'qoperator' supports only Gemm(transA=0, transB=1, alpha=beta=1), "
+                             f"got transA={attrs.get('transA', 0)} transB={attrs.get('transB', 0)} alpha={attrs.get('alpha', 1.0)} beta={attrs.get('beta', 1.0)}")
     if act is not None:
         s, z = _qparams_init(graph, numpy_helper, act, f"{prefix}.input")
         nodes = [helper.make_node("QuantizeLinear", [x, s, z], [f"{prefix}_xq"], name=f"{prefix}_quantize")]

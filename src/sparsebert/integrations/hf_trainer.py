@@ -7,8 +7,9 @@ Two lines in a user's script::
 
 ``SparseTrainer`` is ``RecipeTrainerMixin`` + ``transformers.Trainer``; mix the former into any
 Trainer subclass instead. It adds the distillation loss, drives the recipe's learning rate,
-and registers :class:`RecipeCallback`, which applies masks after every optimizer step and
-saves/restores modifier state with checkpoints.
+registers :class:`RecipeCallback`, which applies masks after every optimizer step, and writes the
+modifier state (``sparsebert_state.pt``) into every checkpoint before older ones are deleted;
+``--resume`` continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint, has_length
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
-from ..session import RecipeSession
+from ..atomic import write_text_atomic
+from ..session import SESSION_STATE_FILE, RecipeSession
 
 __all__ = ["RecipeCallback", "RecipeTrainerMixin", "SparseTrainer", "JsonlLoggerCallback", "StopOnSignalCallback"]
 
@@ -44,36 +46,52 @@ class RecipeCallback(TrainerCallback):
 
     ``on_train_begin`` starts the session (steps per epoch from the Trainer state),
     ``on_step_end`` (after ``optimizer.step``) updates schedules and re-applies masks,
-    ``on_save`` writes modifier state into the checkpoint, ``on_train_end`` finalizes.
+    ``on_train_end`` finalizes. :class:`RecipeTrainerMixin` writes the modifier state into each
+    checkpoint itself (before rotation) and builds this callback with ``save_state=False``.
+
+    Args:
+        session: the session to drive.
+        save_state: write the state in ``on_save`` -- only for a plain ``Trainer`` with this callback
+            added by hand. transformers calls ``on_save`` after it has already deleted the older
+            checkpoints, so a kill in between leaves a checkpoint without masks; prefer the mixin.
     """
 
-    def __init__(self, session: RecipeSession):
+    def __init__(self, session: RecipeSession, save_state: bool = True):
         self.session = session
+        self.save_state = save_state
 
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
+        """Move the teacher to the training device and start the session at ``state.global_step``
+        (the checkpoint's step on resume). Raises ``ValueError`` when steps per epoch come out <= 0."""
         if self.session.state.teacher is not None:
             self.session.state.teacher.to(args.device)
         if not self.session._started:
             self.session.start(steps_per_epoch(args, state.max_steps, train_dataloader), optimizer=optimizer, step=state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Gradients are ready, the optimizer steps next: modifiers read them (e.g. movement scores)."""
         self.session.on_gradients()
 
     def on_step_end(self, args, state, control, **kwargs):
+        """After the optimizer step: advance schedules to ``state.global_step`` and re-apply masks."""
         self.session.update(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the recipe's scalars (epoch, scheduled sparsity, loss terms) to training-loss logs."""
         if logs is not None and "loss" in logs:
             logs.update(self.session.log_values())
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        """With ``save_state`` (plain Trainer only): write the state and artifacts into the new checkpoint
+        on the saving process(es)."""
+        if self.save_state and args.should_save:
+            ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if ckpt.is_dir():
                 self.session.save(ckpt)
                 self.session.save_artifacts(ckpt)
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Final mask application and modifier clean-up (idempotent)."""
         self.session.finalize()
 
 
@@ -127,6 +145,7 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous.clear()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Install the SIGTERM/SIGUSR1 handlers (main thread only; once)."""
         if threading.current_thread() is not threading.main_thread() or self._previous:
             return  # no handlers off the main thread; already installed
         for name in self.SIGNALS:
@@ -135,6 +154,7 @@ class StopOnSignalCallback(TrainerCallback):
                 self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_step_end(self, args, state, control, **kwargs):
+        """After a signal (on any rank): record :attr:`stopped_at`, ask for a checkpoint and stop training."""
         if self.accelerator.num_processes > 1:
             if state.global_step % self.sync_every:
                 return
@@ -152,17 +172,43 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Restore the previous handlers, unless ``hold_after_train`` (then :meth:`restore_handlers` does)."""
         if not self.hold_after_train:
             self.restore_handlers()
 
 
 class JsonlLoggerCallback(TrainerCallback):
-    """Append every Trainer log (loss, lr, sparsity, eval metrics) as one JSON line (rank 0 only)."""
+    """Append every Trainer log (loss, lr, sparsity, eval metrics) as one JSON line (rank 0 only).
+
+    Every line has ``step`` (global optimizer steps) and ``epoch``. On a resumed run the lines of steps
+    after the checkpoint (logged before the kill, about to be logged again) are dropped and a
+    ``{"step": N, "resumed_from_step": N}`` line marks the resume, so each step appears once.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """On a resumed run (``state.global_step`` > 0, restored from the checkpoint): rewrite the file
+        atomically without lines of later steps (and without a line torn by the kill), then add the marker."""
+        if not state.is_world_process_zero or state.global_step <= 0:
+            return
+        step = state.global_step
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        kept = []
+        for i, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is not JSON (cut off by the kill?): dropped on resume", self.path, i)
+                continue
+            if not (isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step):
+                kept.append(line)
+        kept.append(json.dumps({"step": step, "resumed_from_step": step}))
+        write_text_atomic(self.path, "\n".join(kept) + "\n")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Append ``{"step", "epoch", **logs}`` as one line (rank 0; nothing for empty logs)."""
         if state.is_world_process_zero and logs:
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
             with self.path.open("a", encoding="utf-8") as f:
@@ -175,9 +221,15 @@ class RecipeTrainerMixin:
     Extra constructor arguments: ``recipe`` (path, YAML text, :class:`~sparsebert.recipe.Recipe`,
     or modifier list), ``teacher`` (model or ``None``), ``recipe_args`` (variable overrides).
     The session is built -- and the recipe validated -- before the Trainer builds its optimizer.
+    Each checkpoint gets the session state (``sparsebert_state.pt``) before older checkpoints are deleted.
+
+    Raises:
+        ValueError: no model (``ValueError("SparseTrainer needs model=")``).
+        RecipeError: the recipe is invalid for the model.
     """
 
     def __init__(self, *args, recipe=None, teacher: torch.nn.Module | None = None, recipe_args=None, **kwargs):
+        """See the class docstring; raises ``ValueError("SparseTrainer needs model=")`` without a model."""
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("SparseTrainer needs model=")
@@ -190,7 +242,7 @@ class RecipeTrainerMixin:
                 "recipe does (e.g. before final sparsity)",
                 self.args.num_train_epochs, epochs,
             )
-        self.add_callback(RecipeCallback(self.session))
+        self.add_callback(RecipeCallback(self.session, save_state=False))  # _save_checkpoint writes the state
         self.session.state.grad_sampler = self.sample_gradients
 
     def sample_gradients(self, num_batches: int):
@@ -259,12 +311,61 @@ class RecipeTrainerMixin:
             return None
         return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the session state and artifacts into ``checkpoint-<step>`` first, then the Trainer's checkpoint.
+
+        transformers' ``_save_checkpoint`` ends by deleting older checkpoints (``save_total_limit``) and
+        calls ``on_save`` only after that, so state written there could be missing from the only
+        checkpoint left after a kill. Writing it before everything else needs no knowledge of the
+        Trainer's internals beyond the folder name; ``trainer_state.json``, written last by the
+        Trainer, then marks a complete checkpoint. Only the saving process(es) write (``should_save``:
+        rank 0, or each node's local rank 0 with ``save_on_each_node``).
+        """
+        if self.args.should_save:
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            ckpt.mkdir(parents=True, exist_ok=True)
+            self.session.save(ckpt)
+            self.session.save_artifacts(ckpt)
+        super()._save_checkpoint(model, trial)
+
+    def _last_complete_checkpoint(self) -> str:
+        """The newest ``checkpoint-N`` in ``args.output_dir`` that was completely written: it has
+        ``trainer_state.json`` (the Trainer writes it last) and, when the recipe keeps state,
+        ``sparsebert_state.pt``. Newer incomplete folders are skipped with a warning (and kept).
+
+        Raises:
+            ValueError: no ``checkpoint-*`` folder, or none of them complete (each one's missing files named).
+        """
+        out = Path(self.args.output_dir)
+        numbered = []
+        for d in out.iterdir() if out.is_dir() else []:
+            name, _, number = d.name.partition("-")
+            if name == PREFIX_CHECKPOINT_DIR and number.isdigit() and d.is_dir():
+                numbered.append((int(number), d))
+        if not numbered:
+            raise ValueError(f"--resume: no checkpoint-* folder in {out}")
+        required = ["trainer_state.json"] + ([SESSION_STATE_FILE] if self.session.has_state else [])
+        skipped = []
+        for _, d in sorted(numbered, reverse=True):
+            missing = [f for f in required if not (d / f).is_file()]
+            if not missing:
+                return str(d)
+            logger.warning("--resume: skipping %s, it was not completely written (no %s)", d, ", ".join(missing))
+            skipped.append(f"{d.name} (no {', '.join(missing)})")
+        raise ValueError(f"--resume: no complete checkpoint-* folder in {out}: {'; '.join(skipped)}")
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """``Trainer.train`` that also restores modifier state (masks) from the checkpoint."""
+        """``Trainer.train`` that also restores modifier state (masks) from the checkpoint.
+
+        ``resume_from_checkpoint=True`` continues from the newest complete checkpoint in
+        ``args.output_dir`` (see :meth:`_last_complete_checkpoint`); a path resumes from that folder.
+
+        Raises:
+            ValueError: ``True`` (``--resume``) but no checkpoint-* folder in the output folder, or none
+                complete; a checkpoint without ``sparsebert_state.pt`` although the recipe keeps state.
+        """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"--resume: no checkpoint-* folder in {self.args.output_dir}")
+            resume_from_checkpoint = self._last_complete_checkpoint()
         if resume_from_checkpoint:
             self.session.load(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

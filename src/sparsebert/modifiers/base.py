@@ -138,7 +138,8 @@ class Modifier(BaseModel):
         """Called after every optimizer step (and once before the first)."""
 
     def modify_loss(self, state: ModifierState, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
-        """Return the training loss to back-propagate (default: unchanged)."""
+        """Return the training loss to back-propagate: ``loss`` (a 0-d float tensor, the batch's loss so far)
+        changed or not (default: unchanged); the result must be 0-d too."""
         return loss
 
     def finalize(self, state: ModifierState) -> None:

@@ -45,6 +45,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ma
 
     Returns:
         Scalar: ``T^2 * mean over (selected) rows of KL(softmax(t/T) || softmax(s/T))``.
+
+    Raises:
+        ValueError: ``student`` and ``teacher`` have different shapes.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
@@ -173,7 +176,16 @@ class TeacherOutputCache:
         """The teacher's ``output_keys`` for this batch: cached rows, plus ``forward`` (the teacher on
         a dict of inputs) run on the rows not seen before, which are then cached. ``padding_ok``: the
         loss ignores span outputs at padding. ``full``: the teacher's outputs for the whole batch if
-        another modifier already computed them (then nothing runs)."""
+        another modifier already computed them (then nothing runs).
+
+        Returns the teacher's output object when it ran on the whole batch, else a dict ``output key ->
+        tensor`` on the device of ``inputs["input_ids"]``: per-example outputs stacked ``[B, ...]``,
+        per-token / span outputs ``[B, L, ...]`` with zeros at padding positions.
+
+        Raises:
+            ValueError: the cached rows of a per-example output have different shapes (a per-token output
+                of fewer than 3 dims that is not one of the span keys).
+        """
         digests, real = self._digests(inputs, keys)
         missing = [i for i, d in enumerate(digests) if d not in self._rows]
         padded = not bool(real.all())
@@ -291,7 +303,13 @@ class DistillationModifier(Modifier):
         freeze_teacher(self, state)
 
     def modify_loss(self, state: ModifierState, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
-        """``(1 - hardness) * loss + hardness * mean_k kd_loss(student[k], teacher[k])``."""
+        """``(1 - hardness) * loss + hardness * mean_k kd_loss(student[k], teacher[k])`` (0-d tensors).
+
+        Raises:
+            RecipeError: a ``distill_output_keys`` entry is missing from the model's (or the teacher's)
+                outputs; ``cache_teacher_outputs`` on a batch it cannot key (no ``input_ids``, an
+                ``attention_mask`` the teacher does not get, or token-level labels).
+        """
         if not self.active(state.epoch):
             return loss
         teacher_out = self._teacher_outputs(state, inputs)

@@ -1,7 +1,8 @@
 """Pure mask functions: unstructured, block4 and N:M patterns, per-layer or global.
 
 A mask is a ``torch.bool`` tensor shaped like the weight (``True`` = kept). Scores are
-importance values (higher = keep), e.g. ``|w|`` for magnitude pruning (Han et al. 2015),
+importance values (higher = keep), e.g. ``|w|`` for magnitude pruning (Han et al. 2015, "Learning
+both Weights and Connections for Efficient Neural Networks", arXiv:1506.02626),
 OBS saliencies for oBERT (Kurtic et al. 2022, arXiv:2203.07259).
 
 Patterns (the weight is ``[out_features, in_features]``; groups run along ``in_features``,
@@ -13,7 +14,8 @@ the dimension a CPU kernel streams over):
 * ``"N:M"`` -- at most N of every M consecutive weights are kept (e.g. ``2:4``, NVIDIA's
   semi-structured sparsity). For sparsity below ``1 - N/M`` (a gradual schedule), only the
   ``M - N`` lowest-scored weights of each group are candidates, pruned lowest-first; at
-  ``1 - N/M`` all candidates are pruned and the mask is exactly N:M.
+  ``1 - N/M`` all candidates are pruned and the mask is exactly N:M. Source: Mishra et al. 2021,
+  "Accelerating Sparse Deep Neural Networks", arXiv:2104.08378.
 """
 
 from __future__ import annotations
@@ -161,9 +163,12 @@ def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
 
 
 def detect_pattern(weight: torch.Tensor) -> str:
-    """Name the zero pattern of a weight: ``dense``, ``2:4``/``N:M``, ``block4``, or ``unstructured``.
+    """Name the zero pattern of a weight: ``"dense"``, ``"block4"``, ``"1:4"``, ``"2:4"`` or ``"unstructured"``.
 
-    A pattern is reported when every group of the weight satisfies it (and it is not dense).
+    ``"dense"`` when no weight is zero. The other patterns are only checked on a 2-D ``[out, in]`` weight
+    with ``in % 4 == 0`` (anything else with zeros is ``"unstructured"``): the first of ``block4``, ``1:4``,
+    ``2:4`` that every group of 4 consecutive inputs satisfies is reported. Other N:M patterns are not
+    detected.
     """
     zeros = weight == 0
     if not zeros.any():

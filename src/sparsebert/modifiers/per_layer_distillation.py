@@ -74,8 +74,12 @@ class PerLayerDistillationModifier(Modifier):
     needed when the widths differ; pruned students keep the teacher's widths, so sparsebert
     compares the outputs directly and refuses a width mismatch.
 
-    Raises (before training): no teacher; a name or pattern that matches no module; lists of
-    different length; a student/teacher output shape mismatch (at the first step).
+    Raises:
+        RecipeError: when the recipe is loaded, lists of different length or neither list given;
+            before training, no teacher (:meth:`apply_structure`), a name or pattern that matches no
+            module or student and teacher names matching different numbers of modules
+            (:meth:`initialize`); during training, in :meth:`modify_loss` at the first active step, a
+            layer whose output was not captured or student/teacher outputs of different shapes.
     """
 
     gain: float = 1.5
@@ -118,11 +122,20 @@ class PerLayerDistillationModifier(Modifier):
         return found
 
     def apply_structure(self, state: ModifierState) -> None:
-        """A teacher must be present (it is frozen and put in eval mode)."""
+        """A teacher must be present (it is frozen and put in eval mode).
+
+        Raises:
+            RecipeError: no teacher was given.
+        """
         freeze_teacher(self, state)
 
     def initialize(self, state: ModifierState) -> None:
-        """Resolve the layer names (after structural changes such as dropped layers) and hook them."""
+        """Resolve the layer names (after structural changes such as dropped layers) and hook them.
+
+        Raises:
+            RecipeError: a name or pattern matches no module; the student and teacher names match
+                different numbers of modules.
+        """
         student_names = self._resolve(state.model, self.student_layer_names or self.teacher_layer_names, "student_layer_names")
         teacher_names = self._resolve(state.teacher, self.teacher_layer_names or self.student_layer_names, "teacher_layer_names")
         if len(student_names) != len(teacher_names):
@@ -162,7 +175,12 @@ class PerLayerDistillationModifier(Modifier):
             self._teacher_out.clear()
 
     def modify_loss(self, state: ModifierState, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
-        """``loss + gain * sum_i feature_distance(student_i, teacher_i)``."""
+        """``loss + gain * sum_i feature_distance(student_i, teacher_i)`` (0-d tensors).
+
+        Raises (during training):
+            RecipeError: no output was captured for a student or teacher layer in this step (the layer is
+                not used in the forward pass); a student output's shape differs from its teacher's.
+        """
         if not self._active or self.gain == 0:
             return loss
         teacher_forward(state, inputs)  # fills self._teacher_out (once per batch across modifiers)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import PrivateAttr, field_validator
 
+from ..atomic import write_text_atomic
 from .base import Modifier, ModifierState
 
 __all__ = ["QuantizationModifier", "QuantLinear", "QuantEmbedding", "ActivationFakeQuant", "weight_scales",
@@ -89,6 +90,11 @@ class ActivationFakeQuant(torch.nn.Module):
         return bool(torch.isfinite(self.min_val))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` (any float tensor) -> same shape and dtype, straight-through gradient.
+
+        In training mode with the observer enabled, first moves ``min_val`` / ``max_val`` towards the
+        batch min/max (the first batch sets them).
+        """
         if self.training and self.observer_enabled:
             with torch.no_grad():
                 lo, hi = x.detach().min().float(), x.detach().max().float()
@@ -161,6 +167,8 @@ class QuantLinear(torch.nn.Linear, _WeightFakeQuant):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float ``[..., in_features]`` -> ``[..., out_features]`` with the fake-quantized weight; ``x`` is
+        fake-quantized first when there is an ``input_quant``."""
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -184,6 +192,8 @@ class QuantEmbedding(torch.nn.Embedding, _WeightFakeQuant):
         return q
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 ids ``[...]`` -> float ``[..., embedding_dim]`` rows of the fake-quantized table, fake-quantized
+        again when there is an ``output_quant``."""
         out = F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
         return self.output_quant(out) if self.output_quant is not None else out
 
@@ -209,7 +219,8 @@ def load_quantized(model: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Mo
     ranges, observers frozen; returns ``model`` (changed in place, in eval mode).
 
     Raises:
-        KeyError: a module named in ``state`` is not in ``model``.
+        AttributeError: a module named in ``state`` is not in ``model``.
+        KeyError: ``state`` or one of its module entries lacks a field.
     """
     for name, entry in state["modules"].items():
         parent_name, _, child = name.rpartition(".")
@@ -276,7 +287,11 @@ class QuantizationModifier(Modifier):
 
     def apply_structure(self, state: ModifierState) -> None:
         """Check ``submodules``; wrap now when ``start_epoch`` is 0 (Parameters are kept, so the
-        optimizer built afterwards -- or before -- sees the same objects)."""
+        optimizer built afterwards -- or before -- sees the same objects).
+
+        Raises:
+            RecipeError: a ``submodules`` entry names no module of the model.
+        """
         self._model = state.model
         names = dict(state.model.named_modules())
         for sub in self.submodules or []:
@@ -330,10 +345,18 @@ class QuantizationModifier(Modifier):
                 "activation_symmetric": self.activation_symmetric, "observers_frozen": self._frozen}
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"wrapped", "frozen", "quantization"}``: the flags and, once wrapped, :func:`quantization_state`."""
         return {"wrapped": self._wrapped, "frozen": self._frozen,
                 "quantization": quantization_state(self._model, self.settings()) if self._wrapped else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output: re-wrap the modules with the saved scales and ranges
+        (:func:`load_quantized`), back in train mode, observers enabled unless ``state["frozen"]``.
+
+        Raises:
+            AttributeError: a saved module is not in the model (see :func:`load_quantized`).
+            KeyError: ``state`` lacks ``"frozen"`` or a field of the saved quantization state.
+        """
         if state.get("quantization"):
             load_quantized(self._model, state["quantization"])
             self._model.train()
@@ -344,6 +367,7 @@ class QuantizationModifier(Modifier):
         """Write ``quantization.json`` (see :func:`quantization_state`) into ``directory`` once wrapped."""
         if not self._wrapped:
             return []
-        path = Path(directory) / QUANT_FILE
-        path.write_text(json.dumps(quantization_state(self._model, self.settings())) + "\n", encoding="utf-8")
+        # atomic: a kill mid-write must not leave a truncated quantization.json in a checkpoint
+        path = write_text_atomic(Path(directory) / QUANT_FILE,
+                                 json.dumps(quantization_state(self._model, self.settings())) + "\n")
         return [path]

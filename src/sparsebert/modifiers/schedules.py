@@ -57,8 +57,11 @@ def learning_rate(
     """SparseML ``LearningRateFunctionModifier`` value at ``epoch`` (inside ``[start, end]``).
 
     ``linear`` goes from ``init_lr`` at ``start`` to ``final_lr`` at ``end``;
-    ``cyclic_linear`` restarts that ramp every ``cycle_epochs``; ``cosine`` anneals;
-    ``constant`` stays at ``init_lr``.
+    ``cyclic_linear`` restarts that ramp every ``cycle_epochs`` (SparseML's ``cyclic_linear``, used by
+    the oBERT recipes; a sawtooth form of Smith 2017, "Cyclical Learning Rates for Training Neural
+    Networks", arXiv:1506.01186); ``cosine`` anneals from ``init_lr`` to ``final_lr`` without restarts
+    (Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts",
+    arXiv:1608.03983); ``constant`` stays at ``init_lr``. Returns the learning rate (float).
 
     Raises:
         ValueError: unknown ``lr_func``, or ``cyclic_linear`` without a positive ``cycle_epochs``.

@@ -5,6 +5,9 @@ Data comes from a local folder in the GLUE-distribution TSV layout (``<root>/SST
 turned into ``datasets.Dataset`` objects with the hub's column names and label ids, so both
 sources go through the same tokenization. Metrics are GLUE's, computed with sklearn/scipy
 (no ``evaluate.load``, which needs the network).
+
+Source: Wang et al. 2018, "GLUE: A Multi-Task Benchmark and Analysis Platform for Natural Language
+Understanding", arXiv:1804.07461 (tasks, splits and metrics).
 """
 
 from __future__ import annotations
@@ -109,6 +112,10 @@ GLUE_TASKS: dict[str, GlueTaskSpec] = {
 
 def glue_metrics(task_name: str, predictions: Any, labels: Any) -> dict[str, float]:
     """GLUE metrics of one task, as fractions (like the Hugging Face ``glue`` metric).
+
+    The per-task metrics are those of Wang et al. 2018 (arXiv:1804.07461); CoLA's is the Matthews
+    correlation coefficient (Matthews 1975, "Comparison of the predicted and observed secondary
+    structure of T4 phage lysozyme", Biochim. Biophys. Acta 405(2)).
 
     Args:
         task_name: a key of :data:`GLUE_TASKS`.

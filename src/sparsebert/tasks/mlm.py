@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from .base import DataArgs, DataError, Task, TaskData, default_shared_data_dir
 
@@ -305,6 +306,18 @@ def iter_blocks(documents: Iterable[str], tokenizer, max_seq_length: int, batch_
             del buf[: n_full * body]
 
 
+def _pack_blocks(documents: Iterable[str], what: str, tokenizer, max_seq_length: int,
+                 limit: int | None = None) -> list[list[int]]:
+    """:func:`iter_blocks` into a list (the first ``limit`` blocks), with a progress bar over the
+    documents and a log line of the blocks and tokens produced; ``what`` names the text in the log."""
+    with tqdm(documents, desc="MLM tokenize", unit="doc", leave=False) as docs:
+        blocks = list(itertools.islice(iter_blocks(docs, tokenizer, max_seq_length), limit))
+        n_docs = docs.n
+    logger.info("MLM: %s: %d blocks of %d tokens (%d tokens) from %d documents read",
+                what, len(blocks), max_seq_length, len(blocks) * max_seq_length, n_docs)
+    return blocks
+
+
 class MaskedLmCollator:
     """Batch collator of the MLM task.
 
@@ -474,7 +487,7 @@ class MlmTask(Task):
             if args.streaming:
                 train = StreamingBlocks(corpus.train, tokenizer, args.max_seq_length, args.max_train_samples, seed=args.seed)
             else:
-                blocks = list(iter_blocks(corpus.train(), tokenizer, args.max_seq_length))
+                blocks = _pack_blocks(corpus.train(), "training text", tokenizer, args.max_seq_length)
                 if not blocks:
                     raise DataError(f"{corpus.description}: the training text yields no block of {args.max_seq_length} tokens")
                 train = datasets.Dataset.from_dict({"input_ids": blocks})
@@ -501,7 +514,7 @@ class MlmTask(Task):
     def _eval_set(self, documents: Iterable[str], what: str, tokenizer, args: DataArgs):
         import datasets
 
-        blocks = list(itertools.islice(iter_blocks(documents, tokenizer, args.max_seq_length), args.max_eval_samples))
+        blocks = _pack_blocks(documents, what, tokenizer, args.max_seq_length, args.max_eval_samples)
         if not blocks:
             raise DataError(f"MLM: {what} yields no block of {args.max_seq_length} tokens")
         return datasets.Dataset.from_dict(mask_blocks(blocks, tokenizer, mlm_probability=self.mlm_probability))

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from ..atomic import write_json_atomic, write_text_atomic
 from .base import DataArgs, DataError, Task, TaskData, default_shared_data_dir
 from .squad_metrics import compute_squad_metrics
 
@@ -257,7 +259,8 @@ def postprocess_qa_predictions(examples, features, start_logits: np.ndarray, end
         by_example.setdefault(eid, []).append(fi)
     all_offsets = list(features["offset_mapping"])
     predictions = {}
-    for eid, context in zip(examples["id"], examples["context"]):
+    ids, contexts = list(examples["id"]), list(examples["context"])
+    for eid, context in tqdm(zip(ids, contexts), total=len(ids), desc="SQuAD post-processing", unit="question", leave=False):
         best_score, best_text = -np.inf, ""
         for fi in by_example.get(eid, []):
             offsets, s_log, e_log = all_offsets[fi], start_logits[fi], end_logits[fi]
@@ -278,12 +281,11 @@ def postprocess_qa_predictions(examples, features, start_logits: np.ndarray, end
 def write_predictions(predictions: dict[str, str], path: str | Path) -> Path:
     """Write ``predictions.json`` in the official layout: ``{question id: answer text}``.
 
-    Returns the path written (parent folders are created).
+    Returns the path written (parent folders are created; the file is replaced atomically).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(predictions, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(predictions, ensure_ascii=False, indent=1))
 
 
 class SquadTask(Task):
@@ -463,13 +465,14 @@ class SquadTask(Task):
 
         The ``validation`` split goes to ``predictions.json``; other splits to ``predictions_<split>.json``.
         A split by article is saved as ``article_split.json`` (file, spec, seed, train/eval titles), so the
-        evaluation articles of a run can be checked and reused.
+        evaluation articles of a run can be checked and reused. Every file is written atomically.
+
+        Returns:
+            The paths written.
         """
         written = []
         if getattr(self, "article_split", None):
-            path = Path(output_dir) / "article_split.json"
-            path.write_text(json.dumps(self.article_split, indent=1), encoding="utf-8")
-            written.append(path)
+            written.append(write_json_atomic(Path(output_dir) / "article_split.json", self.article_split))
         for split, preds in self.last_predictions.items():
             name = "predictions.json" if split == "validation" else f"predictions_{split}.json"
             written.append(write_predictions(preds, Path(output_dir) / name))

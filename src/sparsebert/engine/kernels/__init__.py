@@ -14,9 +14,11 @@ the pure-torch fallback.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +30,8 @@ SOURCES = [_HERE / "sparse_kernels.cpp", _HERE / "attention.cpp", _HERE / "layer
 HEADERS = [_HERE / "simd_math.h"]  # part of the build key: a header change rebuilds
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
+
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -54,7 +58,11 @@ def _build_key() -> str:
 
 
 def load(verbose: bool = False) -> ModuleType | None:
-    """Return the compiled kernel module, building it on first use; ``None`` if unavailable."""
+    """Return the compiled kernel module, building it on first use; ``None`` if unavailable.
+
+    A build (minutes; none when the cache already holds this key's library) is logged at INFO
+    with the cache folder and the seconds it took.
+    """
     global _module, _tried, _error
     if _tried:
         return _module
@@ -65,19 +73,27 @@ def load(verbose: bool = False) -> ModuleType | None:
             _error = "disabled by SPARSEBERT_DISABLE_KERNELS"
         else:
             try:
-                from torch.utils.cpp_extension import load as _jit_load
+                from torch.utils.cpp_extension import LIB_EXT, load as _jit_load
 
                 key = _build_key()
+                name = f"sparsebert_kernels_{key}"
                 build_dir = _cache_dir(key)
                 build_dir.mkdir(parents=True, exist_ok=True)
+                # the key hashes the sources and flags, so an existing library is up to date: no compile
+                building = not (build_dir / f"{name}{LIB_EXT}").is_file()
+                if building:
+                    logger.info("building the sparse CPU kernels (first use; cached in %s); this takes a few minutes", build_dir)
+                start = time.perf_counter()
                 _module = _jit_load(
-                    name=f"sparsebert_kernels_{key}",
+                    name=name,
                     sources=[str(s) for s in SOURCES],
                     extra_cflags=_CFLAGS,
                     extra_ldflags=_LDFLAGS,
                     build_directory=str(build_dir),
                     verbose=verbose,
                 )
+                if building:
+                    logger.info("built the sparse CPU kernels in %.0f s", time.perf_counter() - start)
             except Exception as exc:  # compiler missing, build error, ...
                 _module = None
                 _error = f"{type(exc).__name__}: {exc}"

@@ -34,7 +34,11 @@ class MaskedParamsModifier(Modifier):
     _masks: dict = PrivateAttr(default_factory=dict)
 
     def apply_structure(self, state: ModifierState) -> None:
-        """Resolve ``params`` against the model (a pattern matching nothing is an error)."""
+        """Resolve ``params`` against the model.
+
+        Raises:
+            RecipeError: a ``params`` entry matches no parameter.
+        """
         self._params = resolve_params(state.model, self.params, self.error)
 
     def rebind(self, model: torch.nn.Module) -> None:
@@ -58,9 +62,15 @@ class MaskedParamsModifier(Modifier):
         return dict(self._masks)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"masks": {param name: torch.bool mask (CPU)}}``."""
         return {"masks": {k: m.cpu() for k, m in self._masks.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (masks moved to their parameters' devices).
+
+        Raises:
+            RecipeError: a mask names a parameter this modifier does not own.
+        """
         unknown = set(state.get("masks", {})) - set(self._params)
         if unknown:
             raise self.error(f"checkpoint masks for unknown parameters: {sorted(unknown)[:3]}")
@@ -130,7 +140,12 @@ class GradualPruningModifier(MaskedParamsModifier):
         return self._sparsity
 
     def apply_structure(self, state: ModifierState) -> None:
-        """Resolve params and check that the mask pattern tiles every weight."""
+        """Resolve params and check that the mask pattern tiles every weight.
+
+        Raises:
+            RecipeError: a ``params`` entry matches nothing; ``final_sparsity`` is above the most the
+                ``mask_type`` allows (e.g. 0.5 for 2:4); a weight's shape the pattern cannot tile.
+        """
         super().apply_structure(state)
         pattern = self.pattern
         if self.final_sparsity > pattern.max_sparsity + 1e-9:
@@ -141,7 +156,11 @@ class GradualPruningModifier(MaskedParamsModifier):
                 raise self.error(f"{name}: {why}", "mask_type", self.mask_type)
 
     def scores(self, state: ModifierState) -> dict[str, torch.Tensor]:
-        """Importance of each weight (higher = keep); shaped like the weight."""
+        """Importance of each weight (higher = keep): param name -> tensor shaped like the weight.
+
+        Raises:
+            NotImplementedError: always here; each pruning method defines its scores.
+        """
         raise NotImplementedError
 
     def target_sparsity(self, epoch: float) -> float:
@@ -174,8 +193,15 @@ class GradualPruningModifier(MaskedParamsModifier):
         self.apply_masks()
 
     def state_dict(self) -> dict[str, Any]:
+        """The masks plus the schedule's position: ``next_update`` (epoch), ``done``, ``sparsity``."""
         return {**super().state_dict(), "next_update": self._next_update, "done": self._done, "sparsity": self._sparsity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            RecipeError: a mask names a parameter this modifier does not own.
+            KeyError: ``state`` lacks ``next_update``, ``done`` or ``sparsity``.
+        """
         super().load_state_dict(state)
         self._next_update, self._done, self._sparsity = state["next_update"], state["done"], state["sparsity"]

@@ -36,7 +36,11 @@ class LayerPruningModifier(Modifier):
     def apply_structure(self, state: ModifierState) -> None:
         """Find the layers by their original names (an unknown name is an error); dropping
         happens in :meth:`drop_layers`, after every modifier has resolved its ``params``
-        against the original names (SparseML names never change, so recipes refer to them)."""
+        against the original names (SparseML names never change, so recipes refer to them).
+
+        Raises:
+            RecipeError: a ``layers`` entry is not an indexed child of an ``nn.ModuleList`` of the model.
+        """
         modules = dict(state.model.named_modules())
         self._targets = []
         for name in self.layers:

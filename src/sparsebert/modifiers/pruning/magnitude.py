@@ -27,7 +27,8 @@ class GMPruningModifier(GradualPruningModifier):
     """
 
     def scores(self, state: ModifierState) -> dict[str, torch.Tensor]:
-        """``|w|`` per weight, detached."""
+        """``|w|`` per weight, detached: param name -> tensor of the weight's shape and dtype (float32 in
+        ordinary training)."""
         return {name: p.detach().abs() for name, p in self._params.items()}
 
 

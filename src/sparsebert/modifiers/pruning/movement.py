@@ -62,7 +62,8 @@ class MovementPruningModifier(GradualPruningModifier):
         self._num_accumulated += 1
 
     def scores(self, state: ModifierState) -> dict[str, torch.Tensor]:
-        """``S`` per param (``|w|`` before any gradient was seen); ``-inf`` on pruned weights."""
+        """``S`` per param, float32 shaped like the weight (``|w|`` before any gradient was seen);
+        ``-inf`` on pruned weights."""
         if self._num_accumulated == 0:
             logger.info("movement pruning: no gradients accumulated yet; this pruning step ranks by |w|")
         out = {}
@@ -81,10 +82,16 @@ class MovementPruningModifier(GradualPruningModifier):
         self._scores = {}
 
     def state_dict(self) -> dict[str, Any]:
+        """The gradual-pruning state plus the accumulated ``scores`` (CPU) and ``num_accumulated``."""
         return {**super().state_dict(), "scores": {k: s.cpu() for k, s in self._scores.items()},
                 "num_accumulated": self._num_accumulated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            RecipeError: a mask or a score names a parameter this modifier does not own.
+        """
         super().load_state_dict(state)
         unknown = set(state.get("scores", {})) - set(self._params)
         if unknown:

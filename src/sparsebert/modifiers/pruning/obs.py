@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from typing import Any, Optional
 
 import torch
 from pydantic import ValidationInfo, field_validator
+from tqdm import tqdm
 
 from ..base import ModifierState
 from ..masks import compute_masks, mask_sparsity, parse_mask_type
@@ -64,7 +67,12 @@ class BlockFisherInverse:
         return v.view(self.num_blocks, self.block_size)
 
     def add_grad(self, g: torch.Tensor) -> None:
-        """Woodbury rank-1 update with gradient ``g``: ``F^-1 -= F^-1 g g^T F^-1 / (m + g^T F^-1 g)``."""
+        """Woodbury rank-1 update with gradient ``g``: ``F^-1 -= F^-1 g g^T F^-1 / (m + g^T F^-1 g)``.
+
+        Args:
+            g: the gradient of the tensor, any shape with ``numel`` elements (flattened in row-major
+                order, zero-padded to whole blocks) and any floating dtype (cast to ``f_inv``'s dtype).
+        """
         g = self.blocks(g)
         fg = torch.bmm(self.f_inv, g.unsqueeze(2)).squeeze(2)  # [nb, B]
         denom = self.num_grads + (g * fg).sum(dim=1)  # > m > 0: F^-1 is positive definite
@@ -218,7 +226,15 @@ class OBSPruningModifier(GradualPruningModifier):
         return v
 
     def scores(self, state: ModifierState) -> dict[str, torch.Tensor]:
-        """OBS saliencies (higher = keep) from freshly sampled gradients; pruned weights get ``-inf``."""
+        """OBS saliencies (higher = keep) from freshly sampled gradients; pruned weights get ``-inf``.
+
+        Returns:
+            param name -> saliency shaped like the param, in the Fisher inverse's dtype (float64 for
+            float64 params, else float32; see :func:`obs_saliency`).
+
+        Raises:
+            RuntimeError: ``state.grad_sampler`` is ``None`` or yields no batches.
+        """
         finvs = self._fisher_inverses(state)
         with torch.no_grad():
             out = {name: self._saliency(name, finvs[name]) for name in self._params}
@@ -242,9 +258,12 @@ class OBSPruningModifier(GradualPruningModifier):
             self._obs_step(state, current + (sparsity - current) * i / self.num_recomputations)
 
     def _obs_step(self, state: ModifierState, sparsity: float) -> None:
+        start = time.perf_counter()
         finvs = self._fisher_inverses(state)
         with torch.no_grad():
             self._prune_with(finvs, sparsity)
+        logger.info("%s: OBS pruning step done in %.1f s: sparsity %.4f (target %.4f)",
+                    self._where or "OBSPruningModifier", time.perf_counter() - start, self._sparsity, sparsity)
 
     def _prune_with(self, finvs: dict[str, BlockFisherInverse], sparsity: float) -> None:
         scores = {name: self._saliency(name, finvs[name]) for name in self._params}
@@ -278,8 +297,12 @@ class OBSPruningModifier(GradualPruningModifier):
                                      torch.float64 if p.dtype == torch.float64 else torch.float32)
             for name, p in self._params.items()
         }
-        seen = 0
-        with torch.enable_grad():  # the sampler back-propagates, even when prune() is called under no_grad
+        start, seen = time.perf_counter(), 0
+        # each gradient is a forward/backward pass (minutes in all for bert-base): show progress
+        # one bar per job, not per process under torchrun
+        bar = tqdm(total=self.num_grads, desc="OBS Fisher", unit="grad", leave=False,
+                   disable=os.environ.get("RANK", "0") != "0")
+        with torch.enable_grad(), bar:  # the sampler back-propagates, even when prune() is called under no_grad
             for _ in state.grad_sampler(self.num_grads):
                 with torch.no_grad():
                     for name, p in self._params.items():
@@ -290,8 +313,11 @@ class OBSPruningModifier(GradualPruningModifier):
                             g = g * self._masks[name]
                         finvs[name].add_grad(g)
                 seen += 1
+                bar.update(1)
         if seen == 0:
             raise RuntimeError("the grad sampler yielded no batches: no data to estimate the Fisher from")
+        logger.info("%s: OBS Fisher inverse from %d gradients in %.1f s",
+                    self._where or "OBSPruningModifier", seen, time.perf_counter() - start)
         if seen < self.num_grads:
             logger.warning("OBS: the grad sampler gave %d of num_grads=%d gradients; the Fisher is scaled as if %d",
                            seen, self.num_grads, self.num_grads)
