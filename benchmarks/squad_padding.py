@@ -74,7 +74,7 @@ def main() -> None:
     for pad in (True, False):
         out = ROOT / "runs" / "squad_padding" / f"eval-{'padded' if pad else 'dynamic'}.json"
         cmd = ["sparsebert", "evaluate", "--task", "squad", "--model", args.model, "--split-by-article", "36:12",
-               "--json", str(out.relative_to(ROOT))] + few + ([] if pad else ["--no-pad-to-max-length"])
+               "--json", str(out.relative_to(ROOT)), "--overwrite"] + few + ([] if pad else ["--no-pad-to-max-length"])
         start = time.perf_counter()
         run_logged(cmd, logs / f"squad_padding-{out.stem}.log")
         scores[pad] = (json.loads(out.read_text())["validation"], time.perf_counter() - start)
