@@ -21,7 +21,13 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .modifiers import DistillationModifier, GradualPruningModifier, MovementPruningModifier, PerLayerDistillationModifier
+from .modifiers import (
+    DistillationModifier,
+    GradualPruningModifier,
+    L0StructuredPruningModifier,
+    MovementPruningModifier,
+    PerLayerDistillationModifier,
+)
 from .recipe import Recipe, load_recipe
 from .session import RecipeSession
 from .tasks import DataArgs
@@ -110,7 +116,7 @@ def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_cal
         ``model``, pruned (weights exactly zero; masks are not kept).
 
     Raises:
-        RecipeError: the recipe does not fit the model. ValueError: no pruning modifier, or
+        RecipeError: the recipe does not fit the model, or holds an L0StructuredPruningModifier (needs training). ValueError: no pruning modifier, or
         the batches give no loss.
     """
     if not isinstance(recipe, list):
@@ -118,6 +124,9 @@ def oneshot(model: torch.nn.Module, recipe, dataset, data_collator=None, num_cal
         # nothing trains, so a training recipe's distillation needs no teacher: drop it
         recipe = [m for m in recipe.modifiers if not isinstance(m, (DistillationModifier, PerLayerDistillationModifier))]
     session = RecipeSession(recipe, model)
+    for m in session.modifiers:
+        if isinstance(m, L0StructuredPruningModifier):
+            raise m.error("L0 gates are learned during training: use sparsebert train")
     pruners = [m for m in session.modifiers if isinstance(m, GradualPruningModifier)]
     if not pruners:
         raise ValueError("oneshot: the recipe has no pruning modifier (GMP, OBS or movement)")

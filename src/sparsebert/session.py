@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .modifiers import GradualPruningModifier, LayerPruningModifier, LearningRateFunctionModifier, MaskedParamsModifier, Modifier, ModifierState, SetLearningRateModifier
+from .modifiers import DistillationModifier, GradualPruningModifier, L0StructuredPruningModifier, LayerPruningModifier, LearningRateFunctionModifier, MaskedParamsModifier, Modifier, ModifierState, SetLearningRateModifier
 from .recipe import Recipe, load_recipe
 
 __all__ = ["RecipeSession", "SESSION_STATE_FILE"]
@@ -124,9 +124,16 @@ class RecipeSession:
 
     def modify_loss(self, loss: torch.Tensor, outputs: Any, inputs: dict) -> torch.Tensor:
         """The training loss after every modifier's ``modify_loss`` (e.g. + distillation). When a modifier
-        changed it, the task loss is recorded as ``loss/task`` beside the modifiers' own terms."""
+        changed it, the task loss is recorded as ``loss/task`` beside the modifiers' own terms.
+
+        ``DistillationModifier`` runs first, whatever the recipe order: it mixes the loss it is given
+        (``(1 - hardness) * loss + hardness * KD``), so a term added before it (per-layer KD, the L0
+        Lagrangian) would be scaled by ``1 - hardness`` -- dropped at hardness 1. The other modifiers
+        add their terms after it, in recipe order.
+        """
         task_loss = loss
-        for m in self.modifiers:
+        ordered = sorted(self.modifiers, key=lambda m: not isinstance(m, DistillationModifier))  # stable
+        for m in ordered:
             loss = m.modify_loss(self.state, loss, outputs, inputs)
         if loss is not task_loss and torch.is_tensor(task_loss):
             self.state.record_loss("task", task_loss)
@@ -165,11 +172,15 @@ class RecipeSession:
         return out
 
     def log_values(self) -> dict[str, float]:
-        """Scalars worth logging now: epoch, scheduled sparsity per pruning modifier, and the mean of each
-        loss term since the last log (``loss/task``, ``loss/distillation``, ``loss/per_layer_distillation``)."""
+        """Scalars worth logging now: epoch, scheduled sparsity per pruning modifier (for L0 gates also the
+        expected sparsity, target, Lagrange multipliers and kept heads/neurons), and the mean of each loss
+        term since the last log (``loss/task``, ``loss/distillation``, ``loss/per_layer_distillation``, ...)."""
         logs = {"recipe_epoch": round(self.state.epoch, 4), **self.state.pop_loss_means()}
         for i, m in enumerate(self.modifiers):
             if isinstance(m, GradualPruningModifier):
+                logs[f"sparsity/{i}_{type(m).__name__}"] = round(m.sparsity, 5)
+            elif isinstance(m, L0StructuredPruningModifier):  # expected sparsity, target, multipliers, kept counts
+                logs.update({f"{k}/{i}": v for k, v in m.log_values().items()})
                 logs[f"sparsity/{i}_{type(m).__name__}"] = round(m.sparsity, 5)
         return logs
 

@@ -20,6 +20,7 @@ MODIFIERS: dict[str, type[m.Modifier]] = {
     "OBSPruningModifier": m.OBSPruningModifier,
     "ConstantPruningModifier": m.ConstantPruningModifier,
     "LayerPruningModifier": m.LayerPruningModifier,
+    "L0StructuredPruningModifier": m.L0StructuredPruningModifier,
     "DistillationModifier": m.DistillationModifier,
     "PerLayerDistillationModifier": m.PerLayerDistillationModifier,
     "QuantizationModifier": m.QuantizationModifier,

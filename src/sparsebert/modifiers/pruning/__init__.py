@@ -1,7 +1,9 @@
-"""Pruning modifiers: gradual magnitude, movement, OBS (oBERT), constant (pattern lock), layer dropping."""
+"""Pruning modifiers: gradual magnitude, movement, OBS (oBERT), constant (pattern lock), layer dropping,
+L0 gates on heads / FFN neurons (structured)."""
 
 from .base import GradualPruningModifier, MaskedParamsModifier
 from .constant import ConstantPruningModifier
+from .l0 import L0StructuredPruningModifier
 from .layer import LayerPruningModifier
 from .magnitude import GMPruningModifier, MagnitudePruningModifier
 from .movement import MovementPruningModifier
@@ -16,4 +18,5 @@ __all__ = [
     "OBSPruningModifier",
     "ConstantPruningModifier",
     "LayerPruningModifier",
+    "L0StructuredPruningModifier",
 ]
