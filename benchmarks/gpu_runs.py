@@ -414,6 +414,14 @@ def seed_jobs(model: str, w: Callable[[str], str], few: list[str], smoke: bool) 
     # s10-squad-obs-lr8e-4 s14-squad-gmp-global
     jobs.append(Job("s16-squad-gmp-20ep", squad_student(w, few, smoke, "gmp80-block4-kd", 4e-4, lo=6, epochs=20),
                     deps=("squad-dense",)))
+    # Session 18 (CPU): structured pruning with L0 gates on heads + FFN neurons (recipes/glue/l0-heads-neurons-kd.yaml)
+    # is tested on tiny models only; its first real figure: SST-2 at 50% of the encoder Linear weights, 6 epochs
+    # (target ramp to 2, structure fixed at 4) at the GMP students' 4e-4, KD from sst2b128-dense.
+    # --only sst2b128-dense s18-sst2-l0-50
+    jobs.append(Job("s18-sst2-l0-50", ["train", "--seed", "42"] + b128 + [
+        "--model", w("sst2b128-dense"), "--teacher", w("sst2b128-dense"), "--recipe", "recipes/glue/l0-heads-neurons-kd.yaml",
+        "--recipe-args", json.dumps({"num_epochs": 1.0 if smoke else 6.0, "init_lr": 4e-4})] + few,
+        deps=("sst2b128-dense",)))
     # Queued in session 11 for session 12: session 11's four SST-2 per-layer students were killed at epoch ~7.2 of 9 (six runs
     # shared the GPU, ~8.5 steps/s each; at epoch 7 they led their logits-KD pairs by +1.06 on average). Again
     # without the SQuAD runs (the term did not help there), so that the four fit: --only sst2b128-dense
