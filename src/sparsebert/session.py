@@ -14,7 +14,18 @@ from typing import Any, Mapping
 
 import torch
 
-from .modifiers import DistillationModifier, GradualPruningModifier, L0StructuredPruningModifier, LayerPruningModifier, LearningRateFunctionModifier, MaskedParamsModifier, Modifier, ModifierState, SetLearningRateModifier
+from .modifiers import (
+    DistillationModifier,
+    GradualPruningModifier,
+    L0StructuredPruningModifier,
+    LayerPruningModifier,
+    LearningRateFunctionModifier,
+    MaskedParamsModifier,
+    Modifier,
+    ModifierState,
+    OBSPruningModifier,
+    SetLearningRateModifier,
+)
 from .recipe import Recipe, load_recipe
 
 __all__ = ["RecipeSession", "SESSION_STATE_FILE"]
@@ -60,6 +71,7 @@ class RecipeSession:
         self._finalized = False
         # every modifier resolves its params against the original names first, then layers are
         # dropped and the survivors renamed (SparseML recipes name layers by original index)
+        self._check_l0_windows()
         for m in self.modifiers:
             m.apply_structure(self.state)
         droppers = [m for m in self.modifiers if isinstance(m, LayerPruningModifier)]
@@ -69,6 +81,24 @@ class RecipeSession:
             for m in self.modifiers:
                 if isinstance(m, MaskedParamsModifier):
                     m.rebind(model)
+
+    def _check_l0_windows(self) -> None:
+        """OBS's gradient sampler runs extra backward passes through the live L0 gates (their gradients would
+        collect the sampled batches), so an OBS window may not overlap an L0 gated window.
+
+        Raises:
+            RecipeError: an ``OBSPruningModifier`` ``[start_epoch, end_epoch]`` overlaps an
+                ``L0StructuredPruningModifier`` ``[start_epoch, end_epoch)``.
+        """
+        l0s = [m for m in self.modifiers if isinstance(m, L0StructuredPruningModifier)]
+        for obs in (m for m in self.modifiers if isinstance(m, OBSPruningModifier)) if l0s else ():
+            for l0 in l0s:
+                obs_end = obs.end_epoch if obs.end_epoch >= 0 else float("inf")  # -1: no end
+                if obs.start_epoch < l0.end_epoch and l0.start_epoch <= obs_end:
+                    raise obs.error(
+                        f"its window [{obs.start_epoch}, {obs.end_epoch}] overlaps the L0StructuredPruningModifier's gated "
+                        f"window [{l0.start_epoch}, {l0.end_epoch}); OBS gradient sampling would train the gates: "
+                        "start OBS at or after the L0 end_epoch", key="start_epoch", value=obs.start_epoch)
 
     @property
     def modifiers(self) -> list[Modifier]:

@@ -3,6 +3,7 @@ hooks, the fold at end_epoch, the Lagrangian's sparsity control, recipe order ne
 recipe errors, state round trip, runs through the CLI."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -425,6 +426,75 @@ def test_layer_dropping_leaves_the_dropped_layers_ungated():
     assert m.fixed
 
 
+
+QAT = """
+quantization_modifiers:
+  - !QuantizationModifier
+    start_epoch: 1.0
+"""
+
+
+@pytest.mark.parametrize("quant_first", [False, True], ids=["l0-then-qat", "qat-then-l0"])
+def test_gates_stay_in_the_forward_pass_when_qat_starts_inside_the_window(quant_first):
+    from sparsebert.modifiers.quantization import QuantLinear
+
+    model = tiny()
+    session = RecipeSession(QAT + l0() if quant_first else l0() + QAT, model)
+    session.start(4.0, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    m = next(x for x in session.modifiers if isinstance(x, L0StructuredPruningModifier))
+    session.update(4)  # epoch 1.0: QAT swaps every Linear for a new QuantLinear (without the gate hooks)
+    layer = model.bert.encoder.layer[1]
+    assert isinstance(layer.attention.output.dense, QuantLinear) and isinstance(layer.output.dense, QuantLinear)
+    x = batch()
+    model.eval()
+    with torch.no_grad():
+        for la in m.log_alpha.values():
+            la.fill_(20.0)
+        open_ = model(input_ids=x).logits
+        m.log_alpha["heads"][1] = -20.0  # every head of layer 1 closed
+        heads_closed = model(input_ids=x).logits
+        m.log_alpha["heads"].fill_(20.0)
+        m.log_alpha["neurons"][0] = -20.0  # every neuron of layer 0 closed
+        neurons_closed = model(input_ids=x).logits
+    assert not torch.allclose(heads_closed, open_) and not torch.allclose(neurons_closed, open_)
+    assert len(m._hooks) == 2 * 3  # per layer: the guard and two gates; the old modules' hooks are gone
+
+
+def test_initialize_broadcasts_the_gates_from_rank_0(monkeypatch):
+    import torch.distributed as dist
+
+    calls = []
+
+    def broadcast(tensor, src):
+        calls.append(src)
+        tensor.fill_(7.0)  # what rank 0's values arriving would do
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    _, m, _ = started(tiny())
+    assert calls == [0, 0, 0]  # heads, neurons, lambdas
+    assert all(bool((t == 7.0).all()) for t in [*m.log_alpha.values(), m.lambdas])
+
+
+def test_gate_gradients_without_the_lagrangian_term_warn_once(caplog):
+    y = torch.tensor([0, 1, 0])
+    model = tiny()
+    session, m, _ = started(model)
+    with caplog.at_level(logging.WARNING, logger="sparsebert.modifiers.pruning.l0"):
+        out = model.train()(input_ids=batch(), labels=y)
+        session.modify_loss(out.loss, out, {}).backward()
+        session.on_gradients()
+        assert not caplog.records  # the term was added: no warning
+        for _ in range(2):
+            model(input_ids=batch(), labels=y).loss.backward()  # a loop that never calls session.modify_loss
+            session.on_gradients()
+    assert [r.getMessage() for r in caplog.records] == [
+        "L0 Lagrangian term was not added to the loss this step: the gates train on the task loss alone, with no "
+        "sparsity target; call RecipeSession.modify_loss on the training loss (a Trainer subclass that overrides "
+        "compute_loss must call it)"]
+
+
 # (6) state ----------------------------------------------------------------------------------
 def test_state_dict_round_trip(tmp_path):
     model = tiny()
@@ -556,3 +626,21 @@ def test_shipped_recipe_trains_with_kd_through_cli(tmp_path, shared_data):
     assert [r["loss/l0_lagrangian"] for r in other_logs if "loss/l0_lagrangian" in r] == [r["loss/l0_lagrangian"] for r in terms]
     assert torch.equal(other["lambdas"], state["lambdas"])
     assert all(torch.equal(other["log_alpha"][s], state["log_alpha"][s]) for s in state["log_alpha"])
+
+
+def _obs(start: float, end: float) -> str:
+    return f"""  - !OBSPruningModifier
+    params: ["re:bert.encoder.layer.*.output.dense.weight"]
+    final_sparsity: 0.5
+    start_epoch: {start}
+    end_epoch: {end}
+"""
+
+
+def test_obs_window_overlapping_the_gated_window_is_refused():
+    # OBS's extra backward passes would run through the live gates and train them
+    with pytest.raises(RecipeError, match=r"!OBSPruningModifier.*start_epoch.*\[1.0, 3.0\] overlaps .*\[0.0, 2.0\)"):
+        RecipeSession(l0() + _obs(1.0, 3.0), tiny())
+    with pytest.raises(RecipeError, match=r"overlaps"):
+        RecipeSession(l0(start=1.0, end=2.0) + _obs(0.0, 1.0), tiny())  # OBS's last step at epoch 1, gates live from 1
+    RecipeSession(l0() + _obs(2.0, 3.0), tiny())  # starts when the structure is fixed: fine

@@ -160,6 +160,32 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     exactly these are removed and the others' soft values folded in, so the fixed model computes what the
     gated model computed in eval.
 
+    Checkpoints: a ``checkpoint-N`` folder saved while the gates are live holds the ungated weights; the
+    gates and multipliers are in its ``sparsebert_state.pt``, which ``--resume`` loads. Evaluating or
+    exporting such a folder directly gives the dense model, not the gated one. The final model (and any
+    checkpoint saved after ``end_epoch``) has the structure fixed and the gates folded in.
+
+    Next to other modifiers (a modifier does not see the rest of the recipe):
+
+    * :class:`~sparsebert.modifiers.quantization.QuantizationModifier` starting inside the gated window
+      replaces the hooked Linear layers; a pre-hook on each gated encoder layer re-registers the gates on
+      the new modules, so they stay in the forward pass.
+    * :class:`~sparsebert.modifiers.pruning.obs.OBSPruningModifier` pruning inside the gated window: its
+      gradient sampler's extra forward/backward passes run with sampled gates and also accumulate into
+      ``log_alpha.grad``, so the next gate step sees those gradients too (without the Lagrangian term, and
+      the Fisher is estimated on a randomly gated model). :class:`~sparsebert.session.RecipeSession`
+      therefore refuses an OBS ``[start_epoch, end_epoch]`` that overlaps ``[start_epoch, end_epoch)`` of
+      this modifier (``RecipeError``).
+
+    Approximations:
+
+    * fp16 (GradScaler): the gates' gradients keep the loss scale (the training optimizer's unscale does
+      not see them). AdamW is invariant to a constant scale (up to ``eps``), not across a change of the
+      scale; and a step the training optimizer skips for an overflow in the model's gradients still steps
+      the gates when their own gradients are finite.
+    * Under torch.distributed the gates are broadcast from rank 0 in :meth:`initialize`; each rank then
+      samples its own gates per batch (like dropout) and the gate gradients are averaged over ranks.
+
     Example::
 
         - !L0StructuredPruningModifier
@@ -186,7 +212,9 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     _lambdas: Optional[torch.Tensor] = PrivateAttr(None)  # [2]: lambda1, lambda2
     _reg_optimizer: Optional[torch.optim.Optimizer] = PrivateAttr(None)
     _pending_optimizer_state: Optional[dict] = PrivateAttr(None)
-    _hooks: list = PrivateAttr(default_factory=list)
+    _hooks: list = PrivateAttr(default_factory=list)  # every live hook handle (layer guards and gates); empty = gates off
+    _gate_hooks: dict = PrivateAttr(default_factory=dict)  # (structure, layer row) -> (hooked module, handle)
+    _warned_no_term: bool = PrivateAttr(False)
     _fixed: bool = PrivateAttr(False)
     _epoch: float = PrivateAttr(0.0)
     _term_added: bool = PrivateAttr(False)  # the Lagrangian term went into a loss since the last step
@@ -427,20 +455,46 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         return (x * self._gate("neurons", index, module.training).to(x.dtype), *args[1:])
 
     def install_hooks(self) -> None:
-        """Put the gates into the forward pass (idempotent)."""
+        """Put the gates into the forward pass (idempotent): a guard pre-hook on each gated encoder layer
+        (:meth:`_sync_gate_hooks`) and the gate pre-hooks on its ``attention.output.dense`` / ``output.dense``."""
         if self._hooks:
             return
         for i, (_, layer) in enumerate(self._layers):
-            if "heads" in self.structures:
-                self._hooks.append(layer.attention.output.dense.register_forward_pre_hook(partial(self._gate_heads, i)))
-            if "neurons" in self.structures:
-                self._hooks.append(layer.output.dense.register_forward_pre_hook(partial(self._gate_neurons, i)))
+            self._hooks.append(layer.register_forward_pre_hook(partial(self._sync_gate_hooks, i)))
+            self._sync_gate_hooks(i)
+
+    def _sync_gate_hooks(self, index: int, *_: Any) -> None:
+        """Make sure the gate pre-hooks of layer row ``index`` sit on the modules now at
+        ``attention.output.dense`` / ``output.dense``, re-registering them on a replaced module.
+
+        A :class:`~sparsebert.modifiers.quantization.QuantizationModifier` starting inside the gated window
+        swaps every ``nn.Linear`` for a new ``QuantLinear`` that has none of these hooks; this runs as a
+        forward pre-hook of the encoder layer (which is not replaced), so the gates act in the same forward
+        whatever the recipe order. Costs one identity check per structure per layer forward.
+        """
+        layer = self._layers[index][1]
+        paths = {"heads": ("attention", "output", "dense"), "neurons": ("output", "dense")}
+        for s in self.structures:
+            module = layer
+            for part in paths[s]:
+                module = getattr(module, part)
+            old = self._gate_hooks.get((s, index))
+            if old is not None and old[0] is module:
+                continue
+            if old is not None:
+                old[1].remove()
+                self._hooks.remove(old[1])
+            fn = self._gate_heads if s == "heads" else self._gate_neurons
+            handle = module.register_forward_pre_hook(partial(fn, index))
+            self._gate_hooks[(s, index)] = (module, handle)
+            self._hooks.append(handle)
 
     def remove_hooks(self) -> None:
         """Take the gates out of the forward pass (idempotent)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._gate_hooks = {}
 
     @torch.no_grad()
     def fix_structure(self) -> None:
@@ -492,7 +546,8 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self, state: ModifierState) -> None:
         """Move the gates to the model's device and build their AdamW (``reg_learning_rate``, no weight
-        decay), restoring its state on resume.
+        decay), restoring its state on resume. Under torch.distributed (initialized) ``log_alpha`` and the
+        multipliers are broadcast from rank 0: each process drew its own ``log_alpha`` noise.
 
         Raises:
             RecipeError: no training optimizer (``oneshot``, or a session started without one): the gates
@@ -504,6 +559,11 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         device = next(state.model.parameters()).device
         for p in self._reg_params():
             p.data = p.data.to(device)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for p in self._reg_params():  # the same gates on every rank (NCCL needs them on the device: done above)
+                dist.broadcast(p.data, src=0)
         self._reg_optimizer = torch.optim.AdamW(self._reg_params(), lr=self.reg_learning_rate, weight_decay=0.0)
         if self._pending_optimizer_state is not None:
             self._reg_optimizer.load_state_dict(self._pending_optimizer_state)
@@ -535,7 +595,9 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     def on_gradients(self, state: ModifierState) -> None:
         """Step the gates and multipliers (their gradients averaged over ranks under torch.distributed),
         then clear their gradients. A step with a non-finite gradient (fp16 overflow, which the training
-        optimizer skips too) is skipped.
+        optimizer skips too) is skipped. Gate gradients without the Lagrangian term this step (a training
+        loop that never calls :meth:`RecipeSession.modify_loss`, e.g. a Trainer subclass overriding
+        ``compute_loss``) log a warning, once: the gates then train on the task loss alone.
 
         Raises:
             RecipeError: the Lagrangian term was added but its multipliers got no gradient: a loss modifier
@@ -544,6 +606,11 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         """
         if not self._hooks or self._reg_optimizer is None:
             return
+        if not self._term_added and not self._warned_no_term and any(la.grad is not None for la in self._log_alpha.values()):
+            self._warned_no_term = True
+            logger.warning("L0 Lagrangian term was not added to the loss this step: the gates train on the task loss alone, "
+                           "with no sparsity target; call RecipeSession.modify_loss on the training loss (a Trainer "
+                           "subclass that overrides compute_loss must call it)")
         params = self._reg_params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten() for g in grads])
