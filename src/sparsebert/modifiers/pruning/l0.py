@@ -11,8 +11,9 @@ weights removed, ``s_exp``, is driven to a target ``t`` (0 at ``start_epoch``, r
 the multipliers (Wang, Wohlwend & Lei 2020, "Structured Pruning of Large Language Models" (FLOP),
 arXiv:1910.04732; Xia, Zhong & Chen 2022, CoFi, arXiv:2204.00408, which gates heads and FFN
 dimensions and warms the target up linearly). In eval mode and when the structure is fixed at
-``end_epoch`` the gates are deterministic (CoFi's ``deterministic_z``, after FLOP): per structure kind
-the ``round(sum P(z == 0))`` gates with the lowest ``log_alpha`` are 0, the others keep a soft value.
+``end_epoch`` the gates are deterministic (after CoFi's ``deterministic_z``): the scheduled target ``t``
+of the gated weights is closed, split between heads and neurons in proportion to their expected closed
+weight, lowest ``log_alpha`` first within each kind (:func:`closed_counts`); the others keep a soft value.
 Fixing zeroes the closed heads and neurons, folds the open gates' values into the weights, removes
 the hooks, and masks keep the removed weights at zero through the remaining (recovery) epochs.
 """
@@ -35,10 +36,12 @@ __all__ = [
     "hard_concrete_sample",
     "hard_concrete_deterministic",
     "hard_concrete_prob_nonzero",
+    "closed_counts",
     "STRUCTURES",
     "LIMIT_L",
     "LIMIT_R",
     "SOFT_GATE_SLOPE",
+    "CONVERGENCE_TOLERANCE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ STRUCTURES = ("heads", "neurons")
 LIMIT_L, LIMIT_R = -0.1, 1.1  # the stretch interval (gamma, zeta) of Louizos et al. 2018, section 4
 _EPS = 1e-6  # keeps log(u) and log(1 - u) finite
 SOFT_GATE_SLOPE = 0.8  # FLOP's "empirically validated magic number" for open eval gates (flop/hardconcrete.py)
+CONVERGENCE_TOLERANCE = 0.05  # |expected sparsity - target| above which fixing warns that the Lagrangian had not converged
 
 
 def hard_concrete_sample(log_alpha: torch.Tensor, temperature: float, l: float = LIMIT_L, r: float = LIMIT_R) -> torch.Tensor:
@@ -69,16 +73,19 @@ def hard_concrete_sample(log_alpha: torch.Tensor, temperature: float, l: float =
     return (s * (r - l) + l).clamp(0.0, 1.0)
 
 
-def hard_concrete_deterministic(log_alpha: torch.Tensor, temperature: float, l: float = LIMIT_L, r: float = LIMIT_R) -> torch.Tensor:
-    """Test-time gates by the expected number of closed gates, over all entries of ``log_alpha`` together.
+def hard_concrete_deterministic(log_alpha: torch.Tensor, temperature: float, l: float = LIMIT_L, r: float = LIMIT_R,
+                                n_closed: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
+    """Test-time gates: the ``n_closed`` lowest ``log_alpha`` over all entries together are 0, the others soft.
 
     CoFi's ``_deterministic_z`` (Xia et al. 2022, arXiv:2204.00408, ``models/l0_module.py``), after FLOP
-    (Wang et al. 2020, arXiv:1910.04732, ``flop/hardconcrete.py``): ``n = round(sum(1 - P(z != 0)))``
-    (:func:`hard_concrete_prob_nonzero`; ``torch.round``, half to even like CoFi's Python ``round``) gates with the lowest
+    (Wang et al. 2020, arXiv:1910.04732, ``flop/hardconcrete.py``): by default (``n_closed=None``)
+    ``n = round(sum(1 - P(z != 0)))`` (:func:`hard_concrete_prob_nonzero`; ``torch.round``, half to even like
+    CoFi's Python ``round``), the expected number of closed gates; the modifier passes the count from
+    :func:`closed_counts` instead. The ``n`` gates with the lowest
     ``log_alpha`` get ``z = 0`` (ties broken by position), the others
     ``z = sigmoid(log_alpha / temperature * SOFT_GATE_SLOPE)`` (0.8). Unlike the gate of Louizos et al. 2018 (eq. 13, zero
-    only for ``log_alpha <= -2.4``), this closes as many gates as the L0 penalty expects closed, so fixing
-    the structure removes about the expected sparsity even when no gate has polarised. CoFi ranks within
+    only for ``log_alpha <= -2.4``), this closes a set number of gates whether or not any has polarised (the
+    Lagrangian can meet its target with every ``log_alpha`` near -1.6, which eq. 13 would leave open). CoFi ranks within
     each layer; callers here pass all gated layers of one kind at once (rounding error at most half a gate
     per kind, not per layer, and layers may lose different numbers of heads/neurons).
 
@@ -91,13 +98,16 @@ def hard_concrete_deterministic(log_alpha: torch.Tensor, temperature: float, l: 
         log_alpha: gate locations, any shape (e.g. ``[layers, heads]``), float.
         temperature: the concrete temperature beta (> 0).
         l, r: the stretch interval, ``l < 0 < 1 < r``.
+        n_closed: how many gates to close (an int or a 0-d tensor on ``log_alpha``'s device; values beyond
+            ``[0, numel]`` close none / all); ``None``: CoFi's expected count.
 
     Returns:
         ``z``, shaped like ``log_alpha``, same device and dtype, values in [0, 1]; differentiable in
         ``log_alpha`` where open. No host sync.
     """
     flat = log_alpha.detach().flatten()
-    n_closed = torch.round((1.0 - hard_concrete_prob_nonzero(flat, temperature, l, r)).sum())
+    if n_closed is None:
+        n_closed = torch.round((1.0 - hard_concrete_prob_nonzero(flat, temperature, l, r)).sum())
     closed = torch.empty_like(flat, dtype=torch.bool)
     closed[torch.argsort(flat, stable=True)] = torch.arange(flat.numel(), device=flat.device) < n_closed
     return torch.sigmoid(log_alpha / temperature * SOFT_GATE_SLOPE).masked_fill(closed.view_as(log_alpha), 0.0)
@@ -107,6 +117,53 @@ def hard_concrete_prob_nonzero(log_alpha: torch.Tensor, temperature: float, l: f
     """``P(z != 0) = sigmoid(log_alpha - temperature * log(-l / r))`` (Louizos et al. 2018, eq. 12):
     the expected L0 norm of one gate. Differentiable; shaped like ``log_alpha``, values in (0, 1)."""
     return torch.sigmoid(log_alpha - temperature * math.log(-l / r))
+
+
+def closed_counts(log_alpha: dict[str, torch.Tensor], weights_per: dict[str, int], target: Union[float, torch.Tensor],
+                  temperature: float, l: float = LIMIT_L, r: float = LIMIT_R) -> dict[str, torch.Tensor]:
+    """How many gates of each structure kind to close so that ``target`` of the gated weights is removed.
+
+    CoFi (Xia et al. 2022, arXiv:2204.00408, ``_deterministic_z``, after FLOP, arXiv:1910.04732) closes the
+    expected number of gates per kind, ``round(sum P(z == 0))``; the removed fraction then follows the
+    *expected* sparsity, which misses ``final_sparsity`` whenever the Lagrangian has not converged (on a
+    short gated window with ``reg_learning_rate`` 0.01, ``log_alpha`` moves ~0.01 per Adam step: a real
+    SST-2 run fixed 0.195 instead of 0.5). Here, as SparseML's pruning modifiers meet ``final_sparsity``,
+    the required closed weight ``W = target * total`` is met, keeping CoFi's relative allocation: kind ``k``
+    (``w_k`` weights per structure, ``count_k`` structures) gets ``W_k = W * E_k / sum(E)`` with
+    ``E_k = w_k * sum(1 - P(z != 0))`` (its expected closed weight, :func:`hard_concrete_prob_nonzero`;
+    in proportion to ``w_k * count_k`` when ``sum(E)`` is ~0). A kind whose share exceeds its weight is
+    capped and the excess goes to the other kinds (in proportion to their remaining weight), then
+    ``n_k = round(W_k / w_k)``, clamped to ``[0, count_k]``. The removed weight is ``W`` within half a
+    structure per kind. When the Lagrangian has converged (``sum(E) == W``), ``n_k`` is CoFi's
+    ``round(sum P(z == 0))`` up to float rounding.
+
+    Args:
+        log_alpha: kind -> gate locations (any shape, float; all on one device); detached here.
+        weights_per: kind -> weights one structure holds (``> 0``), same keys as ``log_alpha``.
+        target: the fraction of the gated weights to close, in [0, 1].
+        temperature, l, r: as in :func:`hard_concrete_prob_nonzero`.
+
+    Returns:
+        kind -> 0-d float32 tensor (an integer value) on ``log_alpha``'s device. No host sync.
+
+    Raises:
+        KeyError: ``weights_per`` lacks a kind of ``log_alpha``.
+    """
+    kinds = list(log_alpha)
+    # new_full fills on the device: torch.tensor(list, device=...) would copy from the host and sync
+    w = torch.stack([log_alpha[k].new_full((), float(weights_per[k]), dtype=torch.float32) for k in kinds])
+    count = torch.stack([log_alpha[k].new_full((), float(log_alpha[k].numel()), dtype=torch.float32) for k in kinds])
+    cap = w * count
+    expected = torch.stack([(1.0 - hard_concrete_prob_nonzero(log_alpha[k].detach().float(), temperature, l, r)).sum()
+                            for k in kinds]) * w
+    share = torch.where(expected.sum() > 1e-9 * cap.sum(), expected, cap)
+    want = target * cap.sum() * share / share.sum()
+    over = (want - cap).clamp(min=0.0).sum()  # a kind asked for more than it holds: the rest goes to the others
+    want = torch.minimum(want, cap)
+    room = cap - want
+    want = want + over * room / room.sum().clamp(min=1e-9)
+    n = torch.minimum(torch.round(want / w).clamp(min=0.0), count)
+    return {k: n[i] for i, k in enumerate(kinds)}
 
 
 def _linear(module: Any, path: str) -> torch.nn.Linear | None:
@@ -155,10 +212,14 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     applies its loss (which replaces the loss at ``hardness`` 1.0) before every additive term. Should a
     loss modifier still drop the Lagrangian term, the first step raises a :class:`RecipeError`.
 
-    In eval mode the gates are :func:`hard_concrete_deterministic` over all gated layers of a structure:
-    the ``round(sum P(z == 0))`` lowest-``log_alpha`` heads (and neurons) are closed. At ``end_epoch``
-    exactly these are removed and the others' soft values folded in, so the fixed model computes what the
-    gated model computed in eval.
+    In eval mode the gates are :func:`hard_concrete_deterministic` over all gated layers of a structure,
+    with the counts of :func:`closed_counts` at the scheduled target (:meth:`target_sparsity` of the
+    current epoch; ``final_sparsity`` once the warm-up is over): the lowest-``log_alpha`` heads and neurons
+    making up the target fraction of the gated weights are closed, split between the kinds as CoFi's
+    expected counts split them. At ``end_epoch`` exactly these are removed and the others' soft values
+    folded in, so the fixed model computes what the gated model computed in eval and meets
+    ``final_sparsity`` (within half a head and half a neuron) even if the Lagrangian has not converged;
+    fixing then logs a warning (expected sparsity more than ``CONVERGENCE_TOLERANCE`` off the target).
 
     Checkpoints: a ``checkpoint-N`` folder saved while the gates are live holds the ungated weights; the
     gates and multipliers are in its ``sparsebert_state.pt``, which ``--resume`` loads. Evaluating or
@@ -409,16 +470,24 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
             total += la.numel() * per[s]
         return 1.0 - kept / total
 
+    def _deterministic(self, structure: str) -> torch.Tensor:
+        """Test-time gates of ``structure``, ``[layers, count]``: :func:`hard_concrete_deterministic` with
+        the :func:`closed_counts` count at the current scheduled target; differentiable where open."""
+        with torch.no_grad():
+            n = closed_counts(self._log_alpha, self._weights_per(), self.target_sparsity(self._epoch), self.temperature)
+        return hard_concrete_deterministic(self._log_alpha[structure], self.temperature, n_closed=n[structure])
+
     @torch.no_grad()
     def deterministic_gates(self) -> dict[str, torch.Tensor]:
         """Test-time gates per structure, ``[layers, count]`` float32: :func:`hard_concrete_deterministic`
-        over all gated layers of the structure together (what the eval hooks apply and fixing folds in)."""
-        return {s: hard_concrete_deterministic(la, self.temperature) for s, la in self._log_alpha.items()}
+        over all gated layers of the structure together, closing the :func:`closed_counts` at
+        :meth:`target_sparsity` of the current epoch (what the eval hooks apply and fixing folds in)."""
+        return {s: self._deterministic(s) for s in self._log_alpha}
 
     @property
     def sparsity(self) -> float:
         """Fraction of the gated structures' weights whose deterministic gate is 0 (after fixing: the
-        fraction removed); :meth:`expected_sparsity` up to rounding (at most half a gate per structure)."""
+        fraction removed); the current target up to rounding (at most half a gate per structure)."""
         per = self._weights_per()
         z = self.deterministic_gates()
         removed = sum(int((g == 0).sum()) * per[s] for s, g in z.items())
@@ -439,7 +508,7 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         ``layers * count`` values, small next to the layer's matmuls)."""
         if training:
             return hard_concrete_sample(self._log_alpha[structure][index], self.temperature)
-        return hard_concrete_deterministic(self._log_alpha[structure], self.temperature)[index]
+        return self._deterministic(structure)[index]
 
     def _gate_heads(self, index: int, module: torch.nn.Module, args: tuple) -> tuple:
         """Pre-hook of ``attention.output.dense``: context ``[B, L, H * d]`` -> ``[B, L, H, d]`` times ``z_head``."""
@@ -505,7 +574,18 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         row and bias and its ``output.dense`` column. Kept heads' / neurons' ``z`` are multiplied into
         their ``attention.output.dense`` / ``output.dense`` columns. The hooks are removed and the
         masks (``True`` = kept) are re-applied after every later optimizer step.
+
+        The removed fraction is the scheduled target (``final_sparsity`` at ``end_epoch``) up to rounding,
+        whatever the expected sparsity; when that is more than ``CONVERGENCE_TOLERANCE`` off the target, a
+        warning says the Lagrangian had not converged.
         """
+        target = self.target_sparsity(self._epoch)
+        expected = float(self.expected_sparsity().detach())
+        if abs(expected - target) > CONVERGENCE_TOLERANCE:
+            logger.warning("L0 structured pruning: the Lagrangian had not converged at epoch %.3f: expected sparsity %.4f, "
+                           "target %.4f; fixing removes the target anyway, the heads and neurons with the lowest "
+                           "log_alpha, so the ranking comes from log_alpha alone (use a larger reg_learning_rate or a "
+                           "longer gated window, end_epoch - warmup_end_epoch)", self._epoch, expected, target)
         names = {id(p): n for n, p in self._params.items()}
         z = self.deterministic_gates()
         d = self._sizes["head_dim"]
@@ -538,7 +618,7 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         self._fixed = True
         kept = {s: int((g > 0).sum()) for s, g in z.items()}
         logger.info("L0 structured pruning: structure fixed at epoch %.3f: %s; %.4f of the gated weights removed (target %.4f)",
-                    self._epoch, ", ".join(f"{kept[s]}/{z[s].numel()} {s} kept" for s in z), self.sparsity, self.final_sparsity)
+                    self._epoch, ", ".join(f"{kept[s]}/{z[s].numel()} {s} kept" for s in z), self.sparsity, target)
 
     def _reg_params(self) -> list[torch.Tensor]:
         return [*self._log_alpha.values(), self._lambdas]
@@ -650,7 +730,7 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     @torch.no_grad()
     def log_values(self) -> dict[str, float]:
         """``l0/expected_sparsity``, ``l0/target`` (fractions), ``l0/lambda1``, ``l0/lambda2``, and the
-        number of heads / neurons whose deterministic gate (:meth:`deterministic_gates`, what fixing keeps)
+        number of heads / neurons whose deterministic gate (:meth:`deterministic_gates`, what fixing now would keep)
         is open (``l0/heads_kept``, ``l0/neurons_kept``)."""
         logs = {"l0/expected_sparsity": round(float(self.expected_sparsity()), 5),
                 "l0/target": round(self.target_sparsity(self._epoch), 5),
