@@ -5,6 +5,7 @@ deployment folders) goes through these helpers: the content is written next to i
 temporary name and moved in with ``os.replace``, which POSIX and Windows make atomic within one file
 system. A process killed mid-write leaves the old file (or nothing) plus a stray ``*.tmp``, never half
 a file. There is no ``fsync``: this protects against a killed process, not against power loss.
+:func:`path_overlap` is the one check every command runs so that an output folder never wipes an input.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_text_atomic", "write_json_atomic", "replace_dir"]
+__all__ = ["write_text_atomic", "write_json_atomic", "replace_dir", "remove_path", "path_overlap"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -57,16 +58,25 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder to move into {dst}")
     old = dst.with_name(dst.name + ".old")
-    _remove(old)
+    remove_path(old)
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
-    _remove(old)
+    remove_path(old)
     return dst
 
 
-def _remove(path: Path) -> None:
-    """Delete a file or folder tree if it exists (a stale ``.old`` may be either)."""
+def path_overlap(out: str | os.PathLike, src: str | os.PathLike) -> str | None:
+    """How the output path ``out`` relates to the existing input path ``src``: ``"is"``, ``"contains"``
+    (``src`` lies inside ``out``), ``"is inside"`` (``out`` lies inside ``src``), or ``None`` (disjoint).
+    Both are resolved (symlinks, ``..``) first."""
+    o, s = Path(out).resolve(), Path(src).resolve()
+    return "is" if o == s else "contains" if o in s.parents else "is inside" if s in o.parents else None
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Delete a file, symlink or folder tree if it exists (a stale ``.tmp`` / ``.old`` may be any)."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
 from .allocator import allocator_hint
-from .atomic import write_json_atomic, write_text_atomic
+from .atomic import path_overlap, write_json_atomic, write_text_atomic
 from .integrations import JsonlLoggerCallback, SparseTrainer, StopOnSignalCallback
 from .models import load_pretrained, resolve_model
 from .recipe import load_recipe
@@ -100,8 +100,7 @@ def _refuse_overlap(out: Path, flag: str, src: str | None) -> None:
     """OutputDirError when ``out`` is, contains or lies inside the existing local path ``src`` of ``flag``."""
     if not src or not Path(src).exists():
         return  # a hub id (or no such input): nothing on disk to protect
-    o, s = out.resolve(), Path(src).resolve()
-    relation = "is" if o == s else "contains" if o in s.parents else "is inside" if s in o.parents else None
+    relation = path_overlap(out, src)
     if relation:
         raise OutputDirError(f"output dir {out} {relation} the {flag} path {src}; choose an --output-dir outside it")
 

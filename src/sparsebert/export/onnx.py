@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import replace_dir, write_json_atomic
+from ..atomic import path_overlap, remove_path, replace_dir, write_json_atomic
 from .specs import ALL_INPUTS, ExportSpec, get_export_spec
 
 __all__ = ["export_onnx", "ExportError", "initializer_sparsity", "validate_onnx_outputs", "MANIFEST", "FORMAT_VERSION", "OPSET", "ATOL"]
@@ -131,9 +131,7 @@ def export_onnx(
         manifest = _build_deployment(model_dir, tmp, out, task_name, spec, sequence_length, batch_size, precision,
                                      int8_format, atol, qstate)
         write_json_atomic(tmp / MANIFEST, manifest)
-        if target.exists() and not target.is_dir():  # replace_dir swaps folders: a file in the way goes now, at the end
-            target.unlink()
-        replace_dir(tmp, target)
+        replace_dir(tmp, target)  # an old folder (or a file) at the target goes only now
     logger.info("export: wrote %s in %.1f s (max |ORT - torch| = %.3g)", out, time.perf_counter() - started,
                 manifest["validation"]["max_abs_diff"])
     return out
@@ -250,7 +248,7 @@ def _stage(what: str):
 def _staging_dir(out: Path):
     """Yield the empty work folder ``<out>.tmp`` (a stale one is removed first); on any error it is removed."""
     tmp = out.with_name(out.name + ".tmp")
-    _remove(tmp)
+    remove_path(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -259,21 +257,14 @@ def _staging_dir(out: Path):
         raise
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _check_output_dir(model_dir: Path, out: Path, overwrite: bool) -> None:
     """Refuse an output that would destroy the model folder, or a non-empty one without ``overwrite``."""
-    model, target = model_dir.resolve(), out.resolve()
-    if target == model or target in model.parents or model in target.parents:
+    target = out.resolve()
+    if path_overlap(target, model_dir):
         raise ExportError(f"output dir {out} is, contains or sits inside the model folder {model_dir}; "
                           "export to a folder outside it")
     for work in (target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")):
-        if work == model or work in model.parents:  # the export deletes these work folders
+        if path_overlap(work, model_dir) in ("is", "contains"):  # the export deletes these work folders
             raise ExportError(f"output dir {out}: its work folder {work} is or contains the model folder {model_dir}; "
                               "choose another output dir")
     if out.exists() and not overwrite:

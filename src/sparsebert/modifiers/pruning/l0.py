@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
 from pydantic import PrivateAttr, field_validator
 
 from ..base import ModifierState
@@ -166,13 +167,16 @@ def closed_counts(log_alpha: dict[str, torch.Tensor], weights_per: dict[str, int
     return {k: n[i] for i, k in enumerate(kinds)}
 
 
-def _linear(module: Any, path: str) -> torch.nn.Linear | None:
+def _linear(module: torch.nn.Module, path: str) -> torch.nn.Linear | None:
     """``module.<path>`` when it is an ``nn.Linear``, else ``None``."""
-    for part in path.split("."):
-        module = getattr(module, part, None)
-    return module if isinstance(module, torch.nn.Linear) else None
+    try:
+        sub = module.get_submodule(path)
+    except AttributeError:
+        return None
+    return sub if isinstance(sub, torch.nn.Linear) else None
 
 
+_GATED_INPUT = {"heads": "attention.output.dense", "neurons": "output.dense"}  # the Linear whose input a gate scales
 _LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
@@ -279,6 +283,8 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     _fixed: bool = PrivateAttr(False)
     _epoch: float = PrivateAttr(0.0)
     _term_added: bool = PrivateAttr(False)  # the Lagrangian term went into a loss since the last step
+    _eval_gates: dict = PrivateAttr(default_factory=dict)  # deterministic_gates() result ...
+    _eval_gates_key: Optional[tuple] = PrivateAttr(None)  # ... and the gate/epoch state it was computed for
 
     # -- validation ------------------------------------------------------------------------
     @field_validator("params")
@@ -470,19 +476,22 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
             total += la.numel() * per[s]
         return 1.0 - kept / total
 
-    def _deterministic(self, structure: str) -> torch.Tensor:
-        """Test-time gates of ``structure``, ``[layers, count]``: :func:`hard_concrete_deterministic` with
-        the :func:`closed_counts` count at the current scheduled target; differentiable where open."""
-        with torch.no_grad():
-            n = closed_counts(self._log_alpha, self._weights_per(), self.target_sparsity(self._epoch), self.temperature)
-        return hard_concrete_deterministic(self._log_alpha[structure], self.temperature, n_closed=n[structure])
-
     @torch.no_grad()
     def deterministic_gates(self) -> dict[str, torch.Tensor]:
         """Test-time gates per structure, ``[layers, count]`` float32: :func:`hard_concrete_deterministic`
         over all gated layers of the structure together, closing the :func:`closed_counts` at
-        :meth:`target_sparsity` of the current epoch (what the eval hooks apply and fixing folds in)."""
-        return {s: self._deterministic(s) for s in self._log_alpha}
+        :meth:`target_sparsity` of the current epoch (what the eval hooks apply and fixing folds in).
+
+        Computed once per change of the gates or the epoch: every eval hook of a forward reads the same
+        result (the key holds each ``log_alpha``'s identity, storage and in-place version counter).
+        """
+        key = (self._epoch, *((id(la), la.data_ptr(), la._version) for la in self._log_alpha.values()))
+        if self._eval_gates_key != key:
+            n = closed_counts(self._log_alpha, self._weights_per(), self.target_sparsity(self._epoch), self.temperature)
+            self._eval_gates = {s: hard_concrete_deterministic(la, self.temperature, n_closed=n[s])
+                                for s, la in self._log_alpha.items()}
+            self._eval_gates_key = key
+        return self._eval_gates
 
     @property
     def sparsity(self) -> float:
@@ -504,11 +513,10 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
 
     def _gate(self, structure: str, index: int, training: bool) -> torch.Tensor:
         """Gates of layer row ``index`` of ``structure``: sampled in training, deterministic in eval (ranked
-        over all gated layers, so each hook computes the whole structure's gates: a sort of
-        ``layers * count`` values, small next to the layer's matmuls)."""
+        over all gated layers: :meth:`deterministic_gates`, computed once for all the hooks)."""
         if training:
             return hard_concrete_sample(self._log_alpha[structure][index], self.temperature)
-        return self._deterministic(structure)[index]
+        return self.deterministic_gates()[structure][index]
 
     def _gate_heads(self, index: int, module: torch.nn.Module, args: tuple) -> tuple:
         """Pre-hook of ``attention.output.dense``: context ``[B, L, H * d]`` -> ``[B, L, H, d]`` times ``z_head``."""
@@ -542,11 +550,8 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         whatever the recipe order. Costs one identity check per structure per layer forward.
         """
         layer = self._layers[index][1]
-        paths = {"heads": ("attention", "output", "dense"), "neurons": ("output", "dense")}
         for s in self.structures:
-            module = layer
-            for part in paths[s]:
-                module = getattr(module, part)
+            module = layer.get_submodule(_GATED_INPUT[s])
             old = self._gate_hooks.get((s, index))
             if old is not None and old[0] is module:
                 continue
@@ -639,8 +644,6 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         device = next(state.model.parameters()).device
         for p in self._reg_params():
             p.data = p.data.to(device)
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             for p in self._reg_params():  # the same gates on every rank (NCCL needs them on the device: done above)
                 dist.broadcast(p.data, src=0)
@@ -694,8 +697,6 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
         params = self._reg_params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten() for g in grads])
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
