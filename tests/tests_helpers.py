@@ -10,10 +10,34 @@ def tiny_config(**kw) -> BertConfig:
     return BertConfig(**base)
 
 
-def save_tiny_model(path, head: str = "cls", prune: float = 0.0, seed: int = 0, **config):
+def zero_structures(model, heads: dict | None = None, neurons: dict | None = None) -> None:
+    """Zero, as structured pruning leaves them, heads ``heads[layer]`` (Q/K/V rows + biases, output columns)
+    and FFN neurons ``neurons[layer]`` (intermediate row + bias, output column) of a BERT model, in place."""
+    import torch
+
+    base = getattr(model, model.base_model_prefix, model)
+    with torch.no_grad():
+        for i, layer in enumerate(base.encoder.layer):
+            d = layer.attention.self.attention_head_size
+            for h in (heads or {}).get(i, []):
+                s = slice(h * d, (h + 1) * d)
+                for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
+                    lin.weight[s] = 0
+                    lin.bias[s] = 0
+                layer.attention.output.dense.weight[:, s] = 0
+            for j in (neurons or {}).get(i, []):
+                layer.intermediate.dense.weight[j] = 0
+                layer.intermediate.dense.bias[j] = 0
+                layer.output.dense.weight[:, j] = 0
+
+
+def save_tiny_model(path, head: str = "cls", prune: float = 0.0, seed: int = 0, dead_heads: dict | None = None,
+                    dead_neurons: dict | None = None, **config):
     """Save a tiny random BERT (``head``: ``"cls"``, ``"qa"`` or ``"mlm"``) + the packaged MiniLM tokenizer to ``path``.
 
-    ``prune``: zero that fraction of every encoder Linear weight (smallest magnitudes). Returns ``path``.
+    ``prune``: zero that fraction of every encoder Linear weight (smallest magnitudes).
+    ``dead_heads`` / ``dead_neurons``: layer -> indices zeroed as structured pruning does (:func:`zero_structures`).
+    Returns ``path``.
     """
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification
@@ -32,6 +56,7 @@ def save_tiny_model(path, head: str = "cls", prune: float = 0.0, seed: int = 0, 
                 if ".encoder." in name and name.endswith("weight") and p.dim() == 2:
                     k = int(prune * p.numel())
                     p.view(-1)[p.abs().flatten().argsort()[:k]] = 0.0
+    zero_structures(model, dead_heads, dead_neurons)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

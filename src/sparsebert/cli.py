@@ -299,6 +299,8 @@ def export_cmd(
     precision: str = typer.Option("fp32", help="fp32, or int8 from a QAT folder (quantization.json)."),
     int8_format: str = typer.Option("qdq", help="INT8 graph format: qdq or qoperator."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output dir."),
+    slice_structures: bool = typer.Option(True, "--slice/--no-slice",
+                                          help="Remove attention heads / FFN neurons whose output weights are all zero (structured pruning): exact, smaller layers."),
 ):
     """Export a trained model folder to an ONNX deployment folder (checked against PyTorch)."""
     from .export import ExportError, export_onnx
@@ -306,12 +308,16 @@ def export_cmd(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export_onnx(model_dir, output_dir, task=task, sequence_length=sequence_length, batch_size=batch_size,
-                          precision=precision, overwrite=overwrite, int8_format=int8_format)
+                          precision=precision, overwrite=overwrite, int8_format=int8_format, slice_structures=slice_structures)
     except (ExportError, OSError) as e:
         _fail(str(e))
     manifest = json.loads((out / "manifest.json").read_text())
     console.print(f"[bold green]exported:[/] {out / 'model.onnx'}  task={manifest['task']} precision={manifest['precision']} "
                   f"encoder sparsity={manifest['sparsity']['encoder_linear']}  max |ORT - torch|={manifest['validation']['max_abs_diff']:.2e}")
+    sliced = manifest.get("slicing")
+    if sliced and (sliced["heads_removed"] or sliced["neurons_removed"]):
+        console.print(f"sliced: {sliced['heads_removed']}/{sliced['heads_total']} heads and {sliced['neurons_removed']}/"
+                      f"{sliced['neurons_total']} FFN neurons removed ({sliced['params_before']:,} -> {sliced['params_after']:,} parameters)")
 
 
 @app.command("benchmark")

@@ -254,3 +254,44 @@ def test_reused_buffers_leave_earlier_outputs_alone(tmp_path, precision):
         with torch.no_grad():
             expected = ref(**a).last_hidden_state
         assert float((kept - expected).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("prune", [0.0, 0.7])
+def test_dead_heads_and_neurons_are_sliced_away(tmp_path, prune, monkeypatch):
+    """Structured zeros (L0 pruning) compile to smaller layers with the unsliced model's outputs, FP32 and INT8,
+    on every attention path (fused block: 2 sequences on 2 threads; feature-major; SDPA without kernels)."""
+    import random
+    import warnings
+
+    from sparsebert.engine import sparse_linear
+
+    dead_neurons = {0: sorted(random.Random(0).sample(range(100), 37)), 1: list(range(1, 100))}
+    folder = save_tiny_model(tmp_path / "l0", head="qa", prune=prune, seed=3, dead_heads={0: [1], 1: [0, 2]},
+                             dead_neurons=dead_neurons, **CONFIG)
+    ref = AutoModelForQuestionAnswering.from_pretrained(folder).eval()
+    keys = ["start_logits", "end_logits"]
+    model = compile(ref, num_threads=2)
+    assert model.slicing.heads_removed == [[1], [0, 2]] and model.slicing.neurons_removed == [37, 99]
+    shapes = {(row["layer"], row["name"]): row["shape"] for row in model.summary()}
+    assert shapes[(0, "qkv")] == [3 * 32, 48] and shapes[(1, "qkv")] == [3 * 16, 48]
+    assert shapes[(0, "attention_output")] == [48, 32] and shapes[(1, "intermediate")] == [1, 48]
+    assert shapes[(0, "output")] == [48, 63]
+    assert ref.bert.encoder.layer[0].attention.self.query.out_features == 48  # the caller's model is not modified
+    full = compile(ref, num_threads=2, slice_structures=False)
+    assert full.slicing is None and full.summary()[0]["shape"] == [3 * 48, 48]
+    int8 = compile(ref, num_threads=2, precision="int8")
+    int8_ref = int8_reference_model(ref)
+    for batch, seq in ((2, 21), (3, 13), (1, 1)):
+        feeds = _inputs(batch, seq)
+        with torch.no_grad():
+            expected, expected8 = ref(**feeds), int8_ref(**feeds)
+        assert _max_diff(model(**feeds), expected, keys) < 1e-4
+        scale = max(float(expected[k].abs().max()) for k in keys)
+        assert _max_diff(int8(**feeds), expected8, keys) < 1e-3 * scale
+    # the pure-torch path (SDPA attention, no fused kernels)
+    monkeypatch.setattr(sparse_linear._kernels, "load", lambda *a, **k: None)
+    monkeypatch.setattr(SparseLinear, "_warned_fallback", True)
+    feeds = _inputs(3, 13)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert _max_diff(compile(ref)(**feeds), ref(**feeds), keys) < 1e-4

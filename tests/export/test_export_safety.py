@@ -118,11 +118,15 @@ def test_bad_int8_format_refused_before_any_work(model_dir, deployed, tmp_path, 
 @pytest.fixture
 def qat_dir(tmp_path):
     """A tiny model folder with a quantization.json from fake-quant wrapping (observers initialised on one batch)."""
+    return make_qat_dir(save_tiny_model(tmp_path / "qat", prune=0.5))
+
+
+def make_qat_dir(src):
+    """Add a quantization.json (per-channel weight scales, observed activation ranges) to the tiny model folder ``src``."""
     from transformers import BertForSequenceClassification
 
     from sparsebert.modifiers.quantization import ActivationFakeQuant, QuantLinear, quantization_state
 
-    src = save_tiny_model(tmp_path / "qat", prune=0.5)
     model = BertForSequenceClassification.from_pretrained(src).train()
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and (".encoder." in f".{name}" or name == "classifier"):
@@ -141,6 +145,24 @@ def test_int8_export_still_works(qat_dir, tmp_path):
     assert manifest["validation"]["max_abs_diff_unfused"] < 1e-4
     assert len([r for r in manifest["sparsity"]["initializers"] if r["dtype"] == "int8"]) == 13  # 12 encoder Linears + classifier
     assert (out / "quantization.json").is_file() and siblings_left(out) == []
+
+
+def test_int8_export_slices_dead_heads_and_neurons(tmp_path):
+    src = make_qat_dir(save_tiny_model(tmp_path / "qat", dead_heads={0: [1]}, dead_neurons={1: [0, 3, 7, 8, 9]}))
+    out = export_onnx(src, tmp_path / "q", task="sst2", precision="int8", int8_format="qdq")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["slicing"]["heads_removed"] == 1 and manifest["slicing"]["neurons_removed"] == 5
+    # validated against the unsliced fake-quant model: per-channel scales followed the kept rows
+    assert manifest["validation"]["max_abs_diff_unfused"] < 1e-4
+    full = json.loads((export_onnx(src, tmp_path / "f", task="sst2", precision="int8", int8_format="qoperator",
+                                   slice_structures=False) / "manifest.json").read_text())
+    sliced = json.loads((export_onnx(src, tmp_path / "s", task="sst2", precision="int8", int8_format="qoperator")
+                         / "manifest.json").read_text())
+    assert full["slicing"] is None and sliced["slicing"]["neurons_removed"] == 5
+    assert sliced["validation"]["max_abs_diff"] == pytest.approx(full["validation"]["max_abs_diff"], abs=1e-5)
+    shapes = {r["param"]: r["shape"] for r in manifest["sparsity"]["initializers"] if r["param"]}
+    assert sorted(shapes["bert.encoder.layer.0.attention.self.query.weight"]) == [16, 32]  # one of two 16-wide heads left
+    assert sorted(shapes["bert.encoder.layer.1.intermediate.dense.weight"]) == [32, 59]
 
 
 def edit_qstate(qat_dir, edit):

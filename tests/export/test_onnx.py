@@ -92,6 +92,46 @@ def test_question_answering_export(tmp_path):
     assert manifest["validation"]["max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.parametrize("head", ["cls", "qa"])
+def test_dead_heads_and_neurons_are_sliced_exactly(tmp_path, head):
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    src = save_tiny_model(tmp_path / "m", head=head, prune=0.3, dead_heads={0: [0], 1: [0, 1]}, dead_neurons={0: list(range(40))})
+    out = export_onnx(src, tmp_path / "d")
+    manifest = json.loads((out / "manifest.json").read_text())
+    sliced = manifest["slicing"]
+    assert sliced["heads_removed"] == 2 and sliced["heads_kept_per_layer"] == [1, 1]  # layer 1 keeps one (all-zero) head
+    assert sliced["neurons_removed"] == 40 and sliced["neurons_kept_per_layer"] == [24, 64]
+    assert sliced["params_after"] < sliced["params_before"]
+    assert manifest["validation"]["max_abs_diff"] <= 1e-4  # against the unsliced model
+    shapes = {r["param"]: sorted(r["shape"]) for r in manifest["sparsity"]["initializers"] if r["param"]}
+    assert shapes["bert.encoder.layer.0.attention.self.query.weight"] == [16, 32]
+    assert shapes["bert.encoder.layer.0.output.dense.weight"] == [24, 32]
+    # an independent parity check against the unsliced checkpoint, with padding
+    auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(src, attn_implementation="eager").eval()
+    x = feeds(3, 19, seed=7)
+    x["attention_mask"][2, 5:] = 0
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in x.items()})
+    got = run(out, x)
+    names = ["start_logits", "end_logits"] if head == "qa" else ["logits"]
+    for name, g in zip(names, got):
+        assert np.abs(g - ref[name].numpy()).max() <= 1e-4, name
+
+    kept = export_onnx(src, tmp_path / "full", slice_structures=False)
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert manifest["slicing"] is None
+    shapes = {r["param"]: sorted(r["shape"]) for r in manifest["sparsity"]["initializers"] if r["param"]}
+    assert shapes["bert.encoder.layer.0.attention.self.query.weight"] == [32, 32]
+
+
+def test_unstructured_sparsity_is_not_sliced(pruned_dir, tmp_path):
+    manifest = json.loads((export_onnx(pruned_dir, tmp_path / "d", task="sst2") / "manifest.json").read_text())
+    assert manifest["slicing"]["heads_removed"] == 0 and manifest["slicing"]["neurons_removed"] == 0
+    assert manifest["slicing"]["params_after"] == manifest["slicing"]["params_before"]
+
+
 def test_errors_name_path_and_field(pruned_dir, tmp_path):
     with pytest.raises(ExportError, match="model folder not found: .*nowhere"):
         export_onnx(tmp_path / "nowhere", tmp_path / "o")

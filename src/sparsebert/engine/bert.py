@@ -183,6 +183,7 @@ class _Layer:
         reader is the first residual add) unless the FFN2 layer allocates its own (dense MKL path, no kernels);
         never one of the buffers of ``ws``, where the intermediates go."""
         tokens, hidden = x.shape
+        width = self.heads * self.head_dim  # = hidden unless heads were sliced away (sparsebert.slicing)
         att = _fused_attention()  # dense-format layers feed it too: their run() transposes for y_t / x_t
         a_buf = ws.get("a", tokens, hidden)
         # INT8 activations: QKV and FFN1 inputs per tensor, their ranges measured by the LayerNorm that
@@ -195,16 +196,16 @@ class _Layer:
                               (x, *self.ln1_args, x1_range))
         if x1 is None:
             if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
-                qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * hidden, tokens), x_range=ws.x_range)  # [3H, tokens]
+                qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * width, tokens), x_range=ws.x_range)  # [3 * width, tokens]
                 mask2 = None if mask is None else mask.view(batch, seq)
                 ctx_t = att(qkv_t, batch, seq, self.heads, self.head_dim, mask2, torch.get_num_threads(), False,
-                            ws.get("ctx", hidden, tokens))
+                            ws.get("ctx", width, tokens))
                 a = self.o.run(ctx_t, x_t=True, out=a_buf, per_token=True)
             else:
-                qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * hidden), x_range=ws.x_range)
+                qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * width), x_range=ws.x_range)
                 q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, seq, 3, self.heads, self.head_dim).unbind(2))
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
-                a = self.o.run(ctx.transpose(1, 2).reshape(tokens, hidden), out=a_buf, per_token=True)
+                a = self.o.run(ctx.transpose(1, 2).reshape(tokens, width), out=a_buf, per_token=True)
             x1 = _add_layernorm(a, x, self.ln1_args, x1_range)
         # x is dead from here: FFN2 writes its output into it. Both FFN layers in one kernel call where it
         # applies: the hidden tile stays in cache.
@@ -265,7 +266,8 @@ class CompiledBert(torch.nn.Module):
     by its next calls and freed with the thread; returned tensors are never such buffers.
 
     Attributes: ``task_kind``, ``precision``, ``num_threads``, ``config``, ``source`` (folder or
-    ``None``), ``layers`` (per block a dict name -> packed Linear module).
+    ``None``), ``layers`` (per block a dict name -> packed Linear module), ``slicing`` (the
+    :class:`~sparsebert.slicing.SliceReport` of :func:`compile_model`, or ``None``).
 
     Raises (on construction):
         EngineError: ``precision`` not in ``PRECISIONS``; ``num_threads`` not a positive int or ``None``;
@@ -284,6 +286,7 @@ class CompiledBert(torch.nn.Module):
         base = _base_model(model)
         self.config, self.task_kind, self.precision = model.config, task_kind, precision
         self.num_threads, self.source = num_threads, source
+        self.slicing = None  # set by compile_model
         self.embeddings = base.embeddings
         self.pooler = getattr(base, "pooler", None)
         self.head = {"text-classification": getattr(model, "classifier", None),
@@ -370,7 +373,7 @@ class CompiledBert(torch.nn.Module):
 
 
 def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int | None = None, precision: str = "fp32",
-                  task: str | None = None, pattern: str = "auto") -> CompiledBert:
+                  task: str | None = None, pattern: str = "auto", slice_structures: bool = True) -> CompiledBert:
     """Compile a BERT checkpoint for fast CPU inference (exposed as ``sparsebert.engine.compile``).
 
     Args:
@@ -382,9 +385,12 @@ def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int |
         task: force a task kind (see :func:`.loading.load_source`).
         pattern: packing of the encoder Linear weights: ``"auto"`` (per layer, from its weight),
             ``"unstructured"``, ``"block4"``, ``"dense"`` or ``"n:m"``.
+        slice_structures: first remove attention heads and FFN neurons whose output weights are all
+            zero (structured pruning; :func:`sparsebert.slicing.slice_structures`): exact, smaller layers.
+            ``compiled.slicing`` holds the :class:`~sparsebert.slicing.SliceReport` (``None`` when off).
 
     Returns:
-        A :class:`CompiledBert`. A model object passed in is not modified (INT8 copies it).
+        A :class:`CompiledBert`. A model object passed in is not modified (slicing and INT8 work on a copy).
 
     Raises:
         EngineError: unsupported model or precision, missing files (names the path/field).
@@ -392,15 +398,24 @@ def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int |
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     src = load_source(model_or_dir, task)
-    model = src.model
-    if precision == "int8" and src.quantization is not None:
+    from ..slicing import find_dead_structures, slice_quantization_state
+    from ..slicing import slice_structures as slice_model
+
+    model, quantization, report = src.model, src.quantization if precision == "int8" else None, None
+    dead = slice_structures and any(any(per_layer) for per_layer in find_dead_structures(model))
+    if src.folder is None and (dead or quantization is not None):
+        model = copy.deepcopy(model)  # never modify the caller's model
+    if quantization is not None:
         from ..export.quantize import bake_embeddings
 
-        if src.folder is None:
-            model = copy.deepcopy(model)
-        bake_embeddings(model, src.quantization)
-    return CompiledBert(model, src.task_kind, precision, num_threads, pattern, src.quantization if precision == "int8" else None,
-                        src.folder)
+        bake_embeddings(model, quantization)
+    if slice_structures:
+        report = slice_model(model)  # a no-op when nothing is dead
+        if quantization is not None and not report.empty:
+            quantization = slice_quantization_state(quantization, report)
+    compiled = CompiledBert(model, src.task_kind, precision, num_threads, pattern, quantization, src.folder)
+    compiled.slicing = report
+    return compiled
 
 
 class _FakeQuantLinear(torch.nn.Module):

@@ -23,6 +23,7 @@ after validation: a refused, failed or killed export leaves an existing deployme
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ def export_onnx(
     overwrite: bool = False,
     int8_format: str = "qdq",
     atol: float = ATOL,
+    slice_structures: bool = True,
 ) -> Path:
     """Export ``model_dir`` (a ``save_pretrained`` folder, e.g. a ``sparsebert train`` output) to ONNX.
 
@@ -83,6 +85,10 @@ def export_onnx(
         int8_format: ``"qdq"`` (QuantizeLinear/DequantizeLinear) or ``"qoperator"`` (MatMulInteger);
             checked for every precision.
         atol: max |output difference| (logit units) allowed between ONNX Runtime and PyTorch for FP32.
+        slice_structures: remove attention heads and FFN neurons whose output weights are all zero
+            (structured pruning) from the graph (:func:`sparsebert.slicing.slice_structures`): exact,
+            smaller dense layers. The graph is validated against the unsliced model; the manifest's
+            ``slicing`` records what was removed. The copied ``model.safetensors`` stays unsliced.
 
     Returns:
         Path of the deployment folder (``output_dir``).
@@ -129,7 +135,7 @@ def export_onnx(
     target = out.resolve()  # the real folder (through a symlink): its sibling <name>.tmp is on the same file system
     with _staging_dir(target) as tmp:
         manifest = _build_deployment(model_dir, tmp, out, task_name, spec, sequence_length, batch_size, precision,
-                                     int8_format, atol, qstate)
+                                     int8_format, atol, qstate, slice_structures)
         write_json_atomic(tmp / MANIFEST, manifest)
         replace_dir(tmp, target)  # an old folder (or a file) at the target goes only now
     logger.info("export: wrote %s in %.1f s (max |ORT - torch| = %.3g)", out, time.perf_counter() - started,
@@ -139,7 +145,7 @@ def export_onnx(
 
 def _build_deployment(model_dir: Path, tmp: Path, out: Path, task_name: str, spec: ExportSpec, sequence_length: int | None,
                       batch_size: int | None, precision: str, int8_format: str, atol: float,
-                      qstate: dict[str, Any] | None) -> dict[str, Any]:
+                      qstate: dict[str, Any] | None, slice_structures: bool = True) -> dict[str, Any]:
     """Write model.onnx, tokenizer, config, weights and extras of the deployment into ``tmp``; returns
     the manifest (not yet written). ``out`` is only named in messages. Raises ExportError as export_onnx."""
     import onnx
@@ -163,6 +169,22 @@ def _build_deployment(model_dir: Path, tmp: Path, out: Path, task_name: str, spe
 
         _check_quantized_modules(qstate, model, qpath)
         bake_embeddings(model, qstate)
+    unsliced, slicing, graph_qstate = model, None, qstate
+    if slice_structures:
+        from ..slicing import slice_quantization_state
+        from ..slicing import slice_structures as slice_model
+
+        with _stage("slicing dead attention heads and FFN neurons"):
+            unsliced = copy.deepcopy(model)  # the validation reference: proves the slicing exact
+            report = slice_model(model)
+            slicing = report.to_dict()
+            if report.empty:
+                unsliced = model  # nothing removed: no copy needed
+            elif qstate is not None:
+                graph_qstate = slice_quantization_state(qstate, report)
+            logger.info("export: removed %d of %d heads and %d of %d FFN neurons (%d -> %d parameters)",
+                        slicing["heads_removed"], slicing["heads_total"], slicing["neurons_removed"], slicing["neurons_total"],
+                        slicing["params_before"], slicing["params_after"])
     dummy = _dummy_inputs(inputs, batch_size or 2, sequence_length or min(16, seq_len), config, seed=0)
     onnx_path = tmp / "model.onnx"
     with _stage(f"tracing ONNX (opset {OPSET}, TorchScript exporter)"), torch.no_grad():
@@ -174,18 +196,18 @@ def _build_deployment(model_dir: Path, tmp: Path, out: Path, task_name: str, spe
     model.eval()  # export restores the wrapper's train/eval mode: keep dropout off
     proto = onnx.load(str(onnx_path))
     param_map = map_initializers_to_params(proto, model)
-    reference = model
+    reference = unsliced
     if precision == "int8":
         from ..modifiers.quantization import load_quantized
         from .quantize import quantize_onnx
 
         with _stage(f"INT8 rewrite ({int8_format}) with {qpath.name}"):
             try:
-                proto, param_map = quantize_onnx(proto, param_map, qstate, int8_format)
+                proto, param_map = quantize_onnx(proto, param_map, graph_qstate, int8_format)
             except ValueError as e:
                 raise ExportError(f"{qpath}: {e}") from None
             onnx.save(proto, str(onnx_path))
-        reference = load_quantized(model, qstate)  # fake-quant model: the INT8 graph's reference
+        reference = load_quantized(unsliced, qstate)  # fake-quant model: the INT8 graph's reference
     try:
         onnx.checker.check_model(str(onnx_path))
     except onnx.checker.ValidationError as e:
@@ -226,7 +248,8 @@ def _build_deployment(model_dir: Path, tmp: Path, out: Path, task_name: str, spe
         "outputs": list(spec.outputs),
         "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes(inputs, batch_size, sequence_length).items()},
         "opset": OPSET,
-        "sparsity": {"encoder_linear": _encoder_linear_sparsity(model), "initializers": initializer_sparsity(proto, param_map)},
+        "sparsity": {"encoder_linear": _encoder_linear_sparsity(unsliced), "initializers": initializer_sparsity(proto, param_map)},
+        "slicing": slicing,
         "validation": {"max_abs_diff": diff, "max_abs_diff_unfused": graph_diff, "atol": atol if precision == "fp32" else None,
                        "reference": "PyTorch fake-quant (QAT) model" if precision == "int8" else "PyTorch FP32 model",
                        "shapes": [list(c["input_ids"].shape) for c in checks]},
