@@ -149,3 +149,18 @@ def test_errors_name_path_and_field(pruned_dir, tmp_path):
     with pytest.raises(ExportError, match="busy is not empty"):
         export_onnx(pruned_dir, busy, task="sst2")
     assert export_onnx(pruned_dir, busy, task="sst2", overwrite=True, sequence_length=16).is_dir()
+
+
+def test_cli_reports_slicing_and_no_slice_keeps_shapes(tmp_path):
+    from typer.testing import CliRunner
+
+    from sparsebert.cli import app
+
+    src = save_tiny_model(tmp_path / "m", dead_heads={1: [1]}, dead_neurons={0: [2, 3]})
+    res = CliRunner().invoke(app, ["export", str(src), "--output-dir", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert "sliced: 1/4 heads and 2/128 FFN neurons removed" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["export", str(src), "--output-dir", str(tmp_path / "k"), "--no-slice"])
+    assert res.exit_code == 0, res.output
+    assert "sliced:" not in res.output
+    assert json.loads((tmp_path / "k" / "manifest.json").read_text())["slicing"] is None
