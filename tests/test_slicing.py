@@ -125,3 +125,27 @@ def test_quantization_scales_follow_the_kept_rows():
     qstate["modules"][q]["weight_scale"] = [1.0] * d
     with pytest.raises(ValueError, match="attention.self.query"):
         slice_quantization_state(qstate, report)
+
+
+def test_dead_structures_from_checkpoint_tensors_and_sparsity_cli(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsebert.cli import app
+    from sparsebert.slicing import dead_structures_from_tensors
+    from sparsebert.sparsity import load_checkpoint_tensors
+    from tests_helpers import save_tiny_model
+
+    src = save_tiny_model(tmp_path / "m", dead_heads={0: [0, 1]}, dead_neurons={1: [5, 6, 7]})
+    dead = dead_structures_from_tensors(load_checkpoint_tensors(src), head_size=16)
+    assert dead == {"heads_dead": 2, "heads_total": 4, "neurons_dead": 3, "neurons_total": 128,
+                    "heads_dead_per_layer": [2, 0], "neurons_dead_per_layer": [0, 3]}
+    res = CliRunner().invoke(app, ["sparsity", str(src)])
+    assert res.exit_code == 0, res.output
+    assert "2/4 attention heads and 3/128 FFN neurons have all-zero output weights" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["sparsity", str(src), "--json"])
+    assert json.loads(res.output)["dead_structures"]["neurons_dead"] == 3
+    dense = save_tiny_model(tmp_path / "d")
+    res = CliRunner().invoke(app, ["sparsity", str(dense)])
+    assert res.exit_code == 0 and "structure:" not in res.output

@@ -159,8 +159,10 @@ def sparsity(
               f"{', '.join(list(tensors)[:3])})")
     total = sum(r.numel for r in rows)
     zeros = sum(r.zeros for r in rows)
+    dead = _dead_structures(model, tensors)
     if json_out:
-        print(json.dumps({"params": [r.__dict__ for r in rows], "overall_sparsity": zeros / max(total, 1)}, indent=1))
+        print(json.dumps({"params": [r.__dict__ for r in rows], "overall_sparsity": zeros / max(total, 1),
+                          "dead_structures": dead}, indent=1))
         return
     table = Table(title=f"sparsity of {model}")
     for col in ("parameter", "shape", "sparsity", "pattern"):
@@ -169,6 +171,22 @@ def sparsity(
         table.add_row(r.name, "x".join(map(str, r.shape)), f"{100 * r.sparsity:.2f}%", r.pattern)
     table.add_row("[bold]total[/]", f"{total:,}", f"[bold]{100 * zeros / max(total, 1):.2f}%[/]", "")
     console.print(table)
+    if dead and (dead["heads_dead"] or dead["neurons_dead"]):
+        console.print(f"structure: {dead['heads_dead']}/{dead['heads_total']} attention heads and {dead['neurons_dead']}/"
+                      f"{dead['neurons_total']} FFN neurons have all-zero output weights (`sparsebert export` slices them out)")
+
+
+def _dead_structures(model: str, tensors: dict) -> dict | None:
+    """Dead heads / FFN neurons of a BERT checkpoint folder (``sparsebert.slicing``), or ``None`` without a
+    readable config.json with ``hidden_size`` / ``num_attention_heads``."""
+    from .slicing import dead_structures_from_tensors
+
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        head_size = int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return dead_structures_from_tensors(tensors, head_size)
 
 
 def _checkpoint_tensors(model: str) -> dict:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["SliceReport", "find_dead_structures", "slice_structures", "slice_quantization_state"]
+__all__ = ["SliceReport", "find_dead_structures", "dead_structures_from_tensors", "slice_structures", "slice_quantization_state"]
 
 
 @dataclasses.dataclass
@@ -108,15 +110,48 @@ def find_dead_structures(model: torch.nn.Module) -> tuple[list[list[int]], list[
     """
     heads, neurons = [], []
     for _, layer in _encoder_layers(model):
-        self_att = layer.attention.self
-        d = self_att.attention_head_size
-        w_o = layer.attention.output.dense.weight.detach()  # [H, heads * d]
-        n_heads = w_o.shape[1] // d
-        col_zero = (w_o == 0).all(dim=0)
-        heads.append([h for h in range(n_heads) if bool(col_zero[h * d:(h + 1) * d].all())])
-        w_2 = layer.output.dense.weight.detach()  # [H, intermediate]
-        neurons.append(torch.nonzero((w_2 == 0).all(dim=0)).flatten().tolist())
+        h, n = _dead_in_layer(layer.attention.output.dense.weight.detach(), layer.output.dense.weight.detach(),
+                              layer.attention.self.attention_head_size)
+        heads.append(h)
+        neurons.append(n)
     return heads, neurons
+
+
+def _dead_in_layer(w_o: torch.Tensor, w_2: torch.Tensor, head_size: int) -> tuple[list[int], list[int]]:
+    """Dead heads (all-zero ``head_size``-wide column groups of ``w_o`` ``[H, heads * d]``) and dead
+    neurons (all-zero columns of ``w_2`` ``[H, intermediate]``) of one layer."""
+    col_zero = (w_o == 0).all(dim=0)
+    heads = [h for h in range(w_o.shape[1] // head_size) if bool(col_zero[h * head_size:(h + 1) * head_size].all())]
+    return heads, torch.nonzero((w_2 == 0).all(dim=0)).flatten().tolist()
+
+
+_ATT_OUT = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.attention\.output\.dense\.weight$")
+_FFN_OUT = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.output\.dense\.weight$")
+
+
+def dead_structures_from_tensors(tensors: Mapping[str, torch.Tensor], head_size: int) -> dict[str, Any]:
+    """:func:`find_dead_structures` on a checkpoint's tensors (no model built), as a summary.
+
+    Args:
+        tensors: parameter name -> tensor (``sparsebert.sparsity.load_checkpoint_tensors``), BERT names
+            (``...encoder.layer.N.attention.output.dense.weight``, ``...encoder.layer.N.output.dense.weight``).
+        head_size: ``hidden_size // num_attention_heads`` of the checkpoint's config.
+
+    Returns:
+        ``{"heads_dead": int, "heads_total": int, "neurons_dead": int, "neurons_total": int,
+        "heads_dead_per_layer": [int], "neurons_dead_per_layer": [int]}``; totals 0 when the names are not BERT's.
+    """
+    att = {int(m.group(1)): t for n, t in tensors.items() if (m := _ATT_OUT.search(n))}
+    ffn = {int(m.group(1)): t for n, t in tensors.items() if (m := _FFN_OUT.search(n))}
+    heads, neurons, h_total, n_total = [], [], 0, 0
+    for i in sorted(set(att) & set(ffn)):
+        h, n = _dead_in_layer(att[i], ffn[i], head_size)
+        heads.append(len(h))
+        neurons.append(len(n))
+        h_total += att[i].shape[1] // head_size
+        n_total += ffn[i].shape[1]
+    return {"heads_dead": sum(heads), "heads_total": h_total, "neurons_dead": sum(neurons), "neurons_total": n_total,
+            "heads_dead_per_layer": heads, "neurons_dead_per_layer": neurons}
 
 
 def _sliced_linear(lin: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.nn.Linear:
