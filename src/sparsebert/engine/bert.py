@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 import os
 import re
 import threading
@@ -49,6 +50,8 @@ from .quantized_linear import SparseLinearInt8, activation_qparams_7bit, fused_f
 from .sparse_linear import SparseLinear, fused_ffn
 
 __all__ = ["CompiledBert", "compile_model", "int8_reference_model", "PRECISIONS"]
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
 # HF hidden_act -> activation fused into the FFN1 kernel epilogue (others run as HF's module)
@@ -415,6 +418,11 @@ def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int |
             quantization = slice_quantization_state(quantization, report)
     compiled = CompiledBert(model, src.task_kind, precision, num_threads, pattern, quantization, src.folder)
     compiled.slicing = report
+    if precision == "fp32" and pattern == "auto" and all(row["format"] == "dense" for row in compiled.summary()):
+        # Measured (BENCHMARKS.md, "Structured L0 pruning"): on dense layers MLAS beats our torch/BLAS path.
+        logger.warning("engine: every encoder Linear is dense (no unstructured/block4 sparsity to skip%s); "
+                       "ONNX Runtime ran such models faster than this engine in our benchmarks (--engine onnxruntime)",
+                       ", structured zeros sliced away" if report is not None and not report.empty else "")
     return compiled
 
 
