@@ -171,16 +171,15 @@ def _build_deployment(model_dir: Path, tmp: Path, out: Path, task_name: str, spe
         bake_embeddings(model, qstate)
     unsliced, slicing, graph_qstate = model, None, qstate
     if slice_structures:
-        from ..slicing import slice_quantization_state
+        from ..slicing import find_dead_structures, slice_quantization_state
         from ..slicing import slice_structures as slice_model
 
         with _stage("slicing dead attention heads and FFN neurons"):
-            unsliced = copy.deepcopy(model)  # the validation reference: proves the slicing exact
-            report = slice_model(model)
+            if any(any(per_layer) for per_layer in find_dead_structures(model)):
+                unsliced = copy.deepcopy(model)  # the validation reference: proves the slicing exact
+            report = slice_model(model)  # a no-op when nothing is dead
             slicing = report.to_dict()
-            if report.empty:
-                unsliced = model  # nothing removed: no copy needed
-            elif qstate is not None:
+            if qstate is not None and not report.empty:
                 graph_qstate = slice_quantization_state(qstate, report)
             logger.info("export: removed %d of %d heads and %d of %d FFN neurons (%d -> %d parameters)",
                         slicing["heads_removed"], slicing["heads_total"], slicing["neurons_removed"], slicing["neurons_total"],
