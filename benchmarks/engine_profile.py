@@ -8,6 +8,7 @@ LayerNorm kernel are wrapped with timers (``perf_counter`` around each call; the
 
     python benchmarks/engine_profile.py                          # bert-base, 90%, batch 32, fp32 and int8
     python benchmarks/engine_profile.py --model minilm --batch 1 --sparsity 0
+    python benchmarks/engine_profile.py --folder runs/l0/sst2-l0-50-4k --batch 1   # a trained checkpoint (sliced if structured)
 
 Prints a markdown table per precision. Nothing is written to BENCHMARKS.md: quote it with its command.
 """
@@ -102,15 +103,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(SHAPES), default="bert-base")
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--folder", default=None, help="profile this trained sequence-classification folder instead of --model/--sparsity")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
     ap.add_argument("--calls", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(2)
-    model = _model(a.model, a.sparsity)
+    if a.folder:
+        from transformers import AutoModelForSequenceClassification
+
+        model, what = AutoModelForSequenceClassification.from_pretrained(a.folder).eval(), a.folder
+    else:
+        model, what = _model(a.model, a.sparsity), f"{a.model} {a.sparsity:.0%}"
     for precision in a.precisions:
         total, ops = profile(model, precision, a.batch, a.calls)
-        print(f"\n{a.model} {a.sparsity:.0%} {precision} batch {a.batch} seq 128, 2 threads: {total:.1f} ms a forward "
+        print(f"\n{what} {precision} batch {a.batch} seq 128, 2 threads: {total:.1f} ms a forward "
               f"(mean of {a.calls})\n")
         print("| op | ms a forward | share |\n|---|---|---|")
         for k, v in sorted(ops.items(), key=lambda kv: -kv[1]):

@@ -1,8 +1,15 @@
 """Latency/throughput of deployment folders on CPU engines (like ``deepsparse.benchmark``).
 
 Several targets (deployment folder x engine) are measured *interleaved* in one process: every round
-visits each target once (order rotated), so machine noise hits all of them alike, and ratios to the
+gives each target a turn (order rotated), so machine noise hits all of them alike, and ratios to the
 first target are reported. Times are wall clock (``time.perf_counter``) per engine call.
+
+A turn is a block of calls (about ``SLICE_S`` seconds, at least one call) after a ``SETTLE_S`` pause,
+not a single call: engines keep their worker threads spin-waiting for a while after a call (ONNX
+Runtime's intra-op pool by default, OpenMP's), and a call made right after another engine's call
+shares the cores with those spinning threads. Measured in session 19 on the 2-core machine: the
+sparsebert engine ran a model at 21.5 ms alone but 38 ms when each of its calls followed an ONNX
+Runtime call (ONNX Runtime: 16 ms alone and 16.5 ms interleaved).
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .deployment import ENGINES, DeploymentError, create_engine, load_manifest, random_inputs, register_engine
+
+SETTLE_S = 0.05  # pause before each turn: the previous engine's idle threads stop spinning
+SLICE_S = 0.25  # seconds of calls in one turn (at least one call)
 
 __all__ = ["Target", "run_benchmark", "parse_targets", "ENGINES", "register_engine"]
 
@@ -87,7 +97,7 @@ def run_benchmark(
             and the manifest's ``max_seq_length``).
         num_threads: intra-op threads per engine (``None``: the engine's default).
         warmup: untimed calls per target before measuring.
-        time_s: measure until this many seconds (all targets together) have passed; or
+        time_s: measure until this many seconds (all targets together, pauses included) have passed; or
         iterations: timed calls per target (default when neither is given: 10 s).
 
     Returns:
@@ -109,24 +119,27 @@ def run_benchmark(
     targets = parse_targets(deployment_dir, engine, compare)
     batch, seq = _shape(targets, batch_size, sequence_length)
     runners = [(create_engine(t.engine, t.deployment_dir, num_threads), random_inputs(t.deployment_dir, batch, seq, seed)) for t in targets]
+    last = [0.0] * len(runners)  # latest call time per target: sizes its next block of calls
     with tqdm(total=warmup * len(runners), desc="benchmark warm-up", unit="call", leave=False, file=sys.stderr) as bar:
-        for run, feeds in runners:
+        for i, (run, feeds) in enumerate(runners):
             for _ in range(warmup):
+                t0 = time.perf_counter()
                 run(feeds)
+                last[i] = time.perf_counter() - t0
                 bar.update(1)
     if time_s is None and iterations is None:
         time_s = 10.0
     times: list[list[float]] = [[] for _ in targets]
-    # the bar counts rounds (one call per target) when --iterations is given, else seconds of --time
+    # the bar counts timed calls of all targets when --iterations is given, else seconds of --time
     if iterations is not None:
-        bar = tqdm(total=iterations, desc="benchmark", unit="round", leave=False, file=sys.stderr)
+        bar = tqdm(total=iterations * len(targets), desc="benchmark", unit="call", leave=False, file=sys.stderr)
     else:
         bar = tqdm(total=time_s, desc="benchmark", unit="s", leave=False, file=sys.stderr,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s")
     start, rnd = time.perf_counter(), 0
     with bar:
         while True:
-            if iterations is not None and rnd >= iterations:
+            if iterations is not None and all(len(ts) >= iterations for ts in times):
                 break
             if time_s is not None and rnd > 0 and time.perf_counter() - start >= time_s:
                 break
@@ -134,11 +147,19 @@ def run_benchmark(
             order = order[rnd % len(order):] + order[:rnd % len(order)]  # rotate who goes first
             for i in order:
                 run, feeds = runners[i]
-                t0 = time.perf_counter()
-                run(feeds)
-                times[i].append(time.perf_counter() - t0)
+                block = max(1, int(SLICE_S / last[i])) if last[i] > 0 else 1
+                if iterations is not None:
+                    block = min(block, iterations - len(times[i]))
+                if block <= 0:
+                    continue
+                time.sleep(SETTLE_S)
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    run(feeds)
+                    last[i] = time.perf_counter() - t0
+                    times[i].append(last[i])
+                bar.update(block if iterations is not None else min(time.perf_counter() - start, time_s) - bar.n)
             rnd += 1
-            bar.update(1 if iterations is not None else min(time.perf_counter() - start, time_s) - bar.n)
     rows = []
     for t, ts in zip(targets, times):
         ms = np.asarray(ts) * 1e3
@@ -151,5 +172,6 @@ def run_benchmark(
         })
     for row in rows:
         row["speedup_vs_first"] = rows[0]["latency_ms"]["p50"] / row["latency_ms"]["p50"]
-    config = {"batch_size": batch, "sequence_length": seq, "num_threads": num_threads, "warmup": warmup, "time_s": time_s, "iterations": iterations, "interleaved": True}
+    config = {"batch_size": batch, "sequence_length": seq, "num_threads": num_threads, "warmup": warmup, "time_s": time_s, "iterations": iterations, "interleaved": True,
+              "turn": {"settle_s": SETTLE_S, "slice_s": SLICE_S}}
     return {"config": config, "results": rows}

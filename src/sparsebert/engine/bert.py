@@ -186,7 +186,9 @@ class _Layer:
         reader is the first residual add) unless the FFN2 layer allocates its own (dense MKL path, no kernels);
         never one of the buffers of ``ws``, where the intermediates go."""
         tokens, hidden = x.shape
-        width = self.heads * self.head_dim  # = hidden unless heads were sliced away (sparsebert.slicing)
+        # = hidden unless heads were sliced away (sparsebert.slicing); buffer names carry the width so that
+        # layers of different widths each keep their own buffer instead of reallocating one per layer
+        width = self.heads * self.head_dim
         att = _fused_attention()  # dense-format layers feed it too: their run() transposes for y_t / x_t
         a_buf = ws.get("a", tokens, hidden)
         # INT8 activations: QKV and FFN1 inputs per tensor, their ranges measured by the LayerNorm that
@@ -199,13 +201,13 @@ class _Layer:
                               (x, *self.ln1_args, x1_range))
         if x1 is None:
             if att is not None:  # feature-major Q/K/V and context: no head split, transpose or copy
-                qkv_t = self.qkv.run(x, y_t=True, out=ws.get("qkv", 3 * width, tokens), x_range=ws.x_range)  # [3 * width, tokens]
+                qkv_t = self.qkv.run(x, y_t=True, out=ws.get(f"qkv{width}", 3 * width, tokens), x_range=ws.x_range)  # [3 * width, tokens]
                 mask2 = None if mask is None else mask.view(batch, seq)
                 ctx_t = att(qkv_t, batch, seq, self.heads, self.head_dim, mask2, torch.get_num_threads(), False,
-                            ws.get("ctx", width, tokens))
+                            ws.get(f"ctx{width}", width, tokens))
                 a = self.o.run(ctx_t, x_t=True, out=a_buf, per_token=True)
             else:
-                qkv = self.qkv.run(x, out=ws.get("qkv_tokens", tokens, 3 * width), x_range=ws.x_range)
+                qkv = self.qkv.run(x, out=ws.get(f"qkv_tokens{width}", tokens, 3 * width), x_range=ws.x_range)
                 q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, seq, 3, self.heads, self.head_dim).unbind(2))
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
                 a = self.o.run(ctx.transpose(1, 2).reshape(tokens, width), out=a_buf, per_token=True)
@@ -222,7 +224,7 @@ class _Layer:
             y = fused_ffn(self.ffn1, self.ffn2, x1, fused, out=x, add_norm=add_norm)
         if y is not None:
             return y
-        h = self.ffn1.run(x1, act=fused, out=ws.get("h", tokens, self.ffn1.out_features), x_range=x1_range)
+        h = self.ffn1.run(x1, act=fused, out=ws.get(f"h{self.ffn1.out_features}", tokens, self.ffn1.out_features), x_range=x1_range)
         h = h if fused else self.act_module(h)
         y = self.ffn2.run(h, out=x, per_token=True)
         return _add_layernorm(y, x1, self.ln2_args, ws.x_range)
