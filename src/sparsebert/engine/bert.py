@@ -423,7 +423,7 @@ def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int |
     if precision == "fp32" and pattern == "auto" and all(row["format"] == "dense" for row in compiled.summary()):
         # Measured (BENCHMARKS.md, "Structured L0 pruning"): on dense layers MLAS beats our torch/BLAS path.
         logger.warning("engine: every encoder Linear is dense (no unstructured/block4 sparsity to skip%s); "
-                       "ONNX Runtime ran such models faster than this engine in our benchmarks (--engine onnxruntime)",
+                       "ONNX Runtime ran such models as fast or faster than this engine in our benchmarks (--engine onnxruntime)",
                        ", structured zeros sliced away" if report is not None and not report.empty else "")
     return compiled
 
