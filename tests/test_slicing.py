@@ -149,3 +149,16 @@ def test_dead_structures_from_checkpoint_tensors_and_sparsity_cli(tmp_path):
     dense = save_tiny_model(tmp_path / "d")
     res = CliRunner().invoke(app, ["sparsity", str(dense)])
     assert res.exit_code == 0 and "structure:" not in res.output
+
+
+def test_sliced_copy_leaves_the_model_alone():
+    from sparsebert.slicing import sliced_copy
+
+    model = _model()
+    same, report = sliced_copy(model)
+    assert same is model and report.empty  # nothing dead: no copy
+    zero_structures(model, heads={0: [2]})
+    sliced, report = sliced_copy(model)
+    assert sliced is not model and report.heads_removed == [[2], [], []]
+    assert model.bert.encoder.layer[0].attention.self.num_attention_heads == 4  # the original keeps its shapes
+    assert sliced.bert.encoder.layer[0].attention.self.num_attention_heads == 3

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SliceReport", "find_dead_structures", "dead_structures_from_tensors", "slice_structures", "slice_quantization_state"]
+__all__ = ["SliceReport", "find_dead_structures", "dead_structures_from_tensors", "slice_structures", "sliced_copy",
+           "slice_quantization_state"]
 
 
 @dataclasses.dataclass
@@ -197,8 +198,27 @@ def slice_structures(model: torch.nn.Module) -> SliceReport:
     Raises:
         ValueError: ``model`` is not a BERT-layout encoder.
     """
-    params_before = sum(p.numel() for p in model.parameters())
+    return _slice(model, *find_dead_structures(model))
+
+
+def sliced_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, SliceReport]:
+    """:func:`slice_structures` on a copy of ``model``, copied only when something is dead.
+
+    Returns:
+        ``(sliced, report)``: ``sliced`` is ``model`` itself (untouched) when nothing is dead, else a
+        sliced deep copy; ``model`` is never modified, so it stays the unsliced reference.
+
+    Raises:
+        ValueError: ``model`` is not a BERT-layout encoder.
+    """
     dead_heads, dead_neurons = find_dead_structures(model)
+    target = copy.deepcopy(model) if any(dead_heads) or any(dead_neurons) else model
+    return target, _slice(target, dead_heads, dead_neurons)
+
+
+def _slice(model: torch.nn.Module, dead_heads: list[list[int]], dead_neurons: list[list[int]]) -> SliceReport:
+    """Slice the given dead heads / neurons (per layer, from :func:`find_dead_structures`) out of ``model`` in place."""
+    params_before = sum(p.numel() for p in model.parameters())
     report = SliceReport([], [], [], [], {}, params_before, params_before)
     for (name, layer), heads, neurons in zip(_encoder_layers(model), dead_heads, dead_neurons):
         self_att = layer.attention.self

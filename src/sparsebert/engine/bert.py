@@ -403,19 +403,17 @@ def compile_model(model_or_dir: torch.nn.Module | str | Path, num_threads: int |
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     src = load_source(model_or_dir, task)
-    from ..slicing import find_dead_structures, slice_quantization_state
-    from ..slicing import slice_structures as slice_model
+    from ..slicing import slice_quantization_state, sliced_copy
 
     model, quantization, report = src.model, src.quantization if precision == "int8" else None, None
-    dead = slice_structures and any(any(per_layer) for per_layer in find_dead_structures(model))
-    if src.folder is None and (dead or quantization is not None):
-        model = copy.deepcopy(model)  # never modify the caller's model
     if quantization is not None:
         from ..export.quantize import bake_embeddings
 
+        if src.folder is None:
+            model = copy.deepcopy(model)  # never modify the caller's model
         bake_embeddings(model, quantization)
     if slice_structures:
-        report = slice_model(model)  # a no-op when nothing is dead
+        model, report = sliced_copy(model)  # a copy only when something is removed
         if quantization is not None and not report.empty:
             quantization = slice_quantization_state(quantization, report)
     compiled = CompiledBert(model, src.task_kind, precision, num_threads, pattern, quantization, src.folder)

@@ -23,7 +23,6 @@ after validation: a refused, failed or killed export leaves an existing deployme
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -171,13 +170,10 @@ def _build_deployment(model_dir: Path, tmp: Path, out: Path, task_name: str, spe
         bake_embeddings(model, qstate)
     unsliced, slicing, graph_qstate = model, None, qstate
     if slice_structures:
-        from ..slicing import find_dead_structures, slice_quantization_state
-        from ..slicing import slice_structures as slice_model
+        from ..slicing import slice_quantization_state, sliced_copy
 
         with _stage("slicing dead attention heads and FFN neurons"):
-            if any(any(per_layer) for per_layer in find_dead_structures(model)):
-                unsliced = copy.deepcopy(model)  # the validation reference: proves the slicing exact
-            report = slice_model(model)  # a no-op when nothing is dead
+            model, report = sliced_copy(unsliced)  # unsliced stays the validation reference: proves the slicing exact
             slicing = report.to_dict()
             if qstate is not None and not report.empty:
                 graph_qstate = slice_quantization_state(qstate, report)

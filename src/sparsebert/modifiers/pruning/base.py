@@ -16,7 +16,14 @@ from ..masks import MaskPattern, check_shape, compute_masks, mask_sparsity, pars
 from ..params import resolve_params
 from ..schedules import INTER_FUNCS, interpolate
 
-__all__ = ["MaskedParamsModifier", "GradualPruningModifier"]
+__all__ = ["MaskedParamsModifier", "GradualPruningModifier", "check_sparsity"]
+
+
+def check_sparsity(v: float) -> float:
+    """``v`` as a float when it is a valid sparsity (a fraction in [0, 1)); else ValueError (pydantic names the field)."""
+    if not 0.0 <= v < 1.0:
+        raise ValueError("sparsity must be in [0, 1)")
+    return float(v)
 
 
 class MaskedParamsModifier(Modifier):
@@ -103,9 +110,7 @@ class GradualPruningModifier(MaskedParamsModifier):
     @field_validator("init_sparsity", "final_sparsity")
     @classmethod
     def _in_unit_interval(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("sparsity must be in [0, 1)")
-        return float(v)
+        return check_sparsity(v)
 
     @field_validator("end_epoch")
     @classmethod

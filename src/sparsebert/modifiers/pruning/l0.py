@@ -30,7 +30,7 @@ import torch.distributed as dist
 from pydantic import PrivateAttr, field_validator
 
 from ..base import ModifierState
-from .base import MaskedParamsModifier
+from .base import MaskedParamsModifier, check_sparsity
 
 __all__ = [
     "L0StructuredPruningModifier",
@@ -309,9 +309,7 @@ class L0StructuredPruningModifier(MaskedParamsModifier):
     @field_validator("final_sparsity")
     @classmethod
     def _in_unit_interval(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("sparsity must be in [0, 1)")
-        return float(v)
+        return check_sparsity(v)
 
     @field_validator("end_epoch")
     @classmethod
