@@ -167,6 +167,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path,
     assert "stopped early" in output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped_early"] == {"signal": "SIGTERM", "step": 3, "epoch": 0.75}
+    first_wall = metrics["train_wall_seconds"]
+    assert json.loads((out / "checkpoint-3" / "sparsebert_progress.json").read_text())["train_wall_seconds"] > 0
     assert (out / "checkpoint-3" / "sparsebert_state.pt").is_file()
     assert 0.0 < metrics["encoder_sparsity"] < 0.7  # mid-schedule
 
@@ -174,7 +176,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path,
     code, output = invoke("train", *common, "--resume")
     assert code == 0, output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "stopped_early" not in metrics
+    assert "stopped_early" not in metrics and "train_wall_note" not in metrics
+    assert metrics["train_wall_seconds"] > first_wall  # both runs' training time
     assert metrics["encoder_sparsity"] == pytest.approx(0.75, abs=0.005)
     steps = [r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps[-1] == 8 and 4 in steps  # the resumed run went on from step 3

@@ -145,3 +145,51 @@ def test_jsonl_truncation_drops_later_and_torn_lines(tmp_path, caplog):
     assert log.read_text() == "\n".join(lines[:5] + ['{"step": 4, "resumed_from_step": 4}']) + "\n"
     assert f"{log} line 7 is not JSON (cut off by the kill?): dropped on resume" in caplog.text
     assert not list(tmp_path.glob("*.tmp"))
+
+
+class _Clock:
+    """A stand-in for ``time``: 100 s pass at each optimizer step and nowhere else."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+def test_train_wall_seconds_add_up_over_resumes(tmp_path, monkeypatch, caplog):
+    """Each checkpoint records the training time so far (sparsebert_progress.json); a resumed run adds its own,
+    so a run stopped and resumed reports its whole training time. A checkpoint without the record (written by
+    an older version) counts as 0 s and the result says it is incomplete."""
+    from transformers import TrainerCallback
+
+    from sparsebert.integrations import hf_trainer
+
+    clock = _Clock()
+    monkeypatch.setattr(hf_trainer, "time", clock)
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, *args, **kw):
+            clock.now += 100.0
+
+    t = trainer(tmp_path, max_steps=2, save_steps=2, keep=3)
+    t.add_callback(Tick())
+    t.train()
+    assert t.train_wall_seconds == 200.0 and t.wall_history_complete
+    assert json.loads((tmp_path / "checkpoint-2" / "sparsebert_progress.json").read_text()) == {
+        "train_wall_seconds": 200.0, "global_step": 2, "complete_history": True}
+
+    t = trainer(tmp_path, max_steps=4, save_steps=2, keep=3)
+    t.add_callback(Tick())
+    t.train(resume_from_checkpoint=True)
+    assert t.train_wall_seconds == 400.0 and t.wall_history_complete  # 200 s before + 2 steps now
+    assert json.loads((tmp_path / "checkpoint-4" / "sparsebert_progress.json").read_text())["train_wall_seconds"] == 400.0
+
+    (tmp_path / "checkpoint-4" / "sparsebert_progress.json").unlink()  # as an older version wrote it
+    t = trainer(tmp_path, max_steps=6, save_steps=2, keep=3)
+    t.add_callback(Tick())
+    with caplog.at_level(logging.WARNING, logger="sparsebert.integrations.hf_trainer"):
+        t.train(resume_from_checkpoint=True)
+    assert "checkpoint-4 has no sparsebert_progress.json" in caplog.text
+    assert t.train_wall_seconds == 200.0 and not t.wall_history_complete
+    assert json.loads((tmp_path / "checkpoint-6" / "sparsebert_progress.json").read_text())["complete_history"] is False

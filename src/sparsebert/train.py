@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -192,7 +191,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.task`` under ``cfg.recipe``; save the model, applied recipe, metrics and logs.
 
     Output folder: ``save_pretrained`` files, ``recipe.yaml`` (the recipe as applied),
-    ``metrics.json`` (eval metrics, measured sparsity, wall time, data notes),
+    ``metrics.json`` (eval metrics, measured sparsity, data notes, ``train_wall_seconds``: the training
+    steps' wall time summed over every resumed run, without model/data loading and evaluation),
     ``train_log.jsonl`` (one JSON line per log step; a resume drops the lines after its checkpoint and adds a marker), ``runs/`` (TensorBoard), ``checkpoint-*``.
     SIGTERM/SIGUSR1 stop the run at the next step with a checkpoint (see :class:`StopOnSignalCallback`);
     the model and metrics are still written, ``metrics.json`` then holds ``stopped_early``.
@@ -203,7 +203,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     Raises:
         OutputDirError, RecipeError, DataError, ModelLoadError, ValueError: before any training step.
     """
-    t0 = time.time()
     set_seed(cfg.seed)
     task = get_task(cfg.task)
     model_path = resolve_model(cfg.model)
@@ -246,19 +245,21 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     trainer.add_callback(stop)
     try:
         train_result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
-        train_seconds = time.time() - t0
 
         metrics: dict[str, Any] = {"task": task.name, "model": model_path, "recipe": cfg.recipe, "teacher": cfg.teacher}
         for split in data.evals:
             metrics[split] = task.evaluate(trainer, split, data)
         metrics.update(
             encoder_sparsity=round(encoder_linear_sparsity(model), 6),
-            train_wall_seconds=round(train_seconds, 1),
+            train_wall_seconds=round(trainer.train_wall_seconds, 1),  # over every resumed run, when recorded
             train_samples=len(data.train),
             epochs=epochs,
             train_loss=train_result.training_loss,
             data_note=data.note,
         )
+        if not trainer.wall_history_complete:
+            metrics["train_wall_note"] = ("resumed from a checkpoint that does not record the training time before "
+                                          "it: train_wall_seconds covers only the runs since")
         if stop.stopped_at is not None:  # evaluated mid-schedule: say so wherever the metrics go
             metrics["stopped_early"] = stop.stopped_at
         if trainer.is_world_process_zero():

@@ -19,18 +19,21 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
-from ..atomic import write_text_atomic
+from ..atomic import write_json_atomic, write_text_atomic
 from ..session import SESSION_STATE_FILE, RecipeSession
 
 __all__ = ["RecipeCallback", "RecipeTrainerMixin", "SparseTrainer", "JsonlLoggerCallback", "StopOnSignalCallback"]
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "sparsebert_progress.json"  # in each checkpoint: training wall time so far, over all resumes
 
 
 def steps_per_epoch(args, max_steps: int, train_dataloader=None) -> float:
@@ -244,6 +247,20 @@ class RecipeTrainerMixin:
             )
         self.add_callback(RecipeCallback(self.session, save_state=False))  # _save_checkpoint writes the state
         self.session.state.grad_sampler = self.sample_gradients
+        # wall time of the training steps: earlier segments (read from the resumed checkpoint) + this one
+        self.wall_seconds_before = 0.0
+        self.wall_history_complete = True  # False: a checkpoint on the way did not record the time before it
+        self._train_started: float | None = None
+        self._train_seconds = 0.0
+
+    @property
+    def train_wall_seconds(self) -> float:
+        """Seconds spent in :meth:`train` by this process (including checkpoint saves), plus -- after a
+        resume -- the earlier runs' seconds recorded in the checkpoint (``sparsebert_progress.json``).
+        Without that record (a checkpoint written before it existed) only this process's seconds
+        count, and :attr:`wall_seconds_before` is ``None``."""
+        running = time.time() - self._train_started if self._train_started is not None else 0.0
+        return (self.wall_seconds_before or 0.0) + self._train_seconds + running
 
     def sample_gradients(self, num_batches: int):
         """Yield ``num_batches`` times with fresh gradients of the training loss in ``.grad``.
@@ -326,6 +343,9 @@ class RecipeTrainerMixin:
             ckpt.mkdir(parents=True, exist_ok=True)
             self.session.save(ckpt)
             self.session.save_artifacts(ckpt)
+            progress = {"train_wall_seconds": round(self.train_wall_seconds, 1), "global_step": self.state.global_step,
+                        "complete_history": self.wall_history_complete}
+            write_json_atomic(ckpt / PROGRESS_FILE, progress)
         super()._save_checkpoint(model, trial)
 
     def _last_complete_checkpoint(self) -> str:
@@ -368,7 +388,26 @@ class RecipeTrainerMixin:
             resume_from_checkpoint = self._last_complete_checkpoint()
         if resume_from_checkpoint:
             self.session.load(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            self.wall_seconds_before, self.wall_history_complete = _recorded_wall_seconds(Path(resume_from_checkpoint))
+        self._train_started = time.time()
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self._train_seconds += time.time() - self._train_started
+            self._train_started = None
+
+
+def _recorded_wall_seconds(checkpoint: Path) -> tuple[float, bool]:
+    """``(seconds, complete)``: the training seconds before ``checkpoint`` as its ``sparsebert_progress.json``
+    records them, and whether they cover every earlier run; ``(0.0, False)`` when the file is absent (a
+    checkpoint written before it existed)."""
+    path = checkpoint / PROGRESS_FILE
+    if not path.is_file():
+        logger.warning("--resume: %s has no %s: train_wall_seconds will not include the time before it", checkpoint,
+                       PROGRESS_FILE)
+        return 0.0, False
+    record = json.loads(path.read_text())
+    return float(record["train_wall_seconds"]), bool(record.get("complete_history", True))
 
 
 class SparseTrainer(RecipeTrainerMixin, Trainer):
