@@ -247,20 +247,19 @@ class RecipeTrainerMixin:
             )
         self.add_callback(RecipeCallback(self.session, save_state=False))  # _save_checkpoint writes the state
         self.session.state.grad_sampler = self.sample_gradients
-        # wall time of the training steps: earlier segments (read from the resumed checkpoint) + this one
-        self.wall_seconds_before = 0.0
+        # seconds in finished train() calls; a resume starts from the checkpoint's record of earlier runs
+        self._wall_seconds = 0.0
         self.wall_history_complete = True  # False: a checkpoint on the way did not record the time before it
         self._train_started: float | None = None
-        self._train_seconds = 0.0
 
     @property
     def train_wall_seconds(self) -> float:
         """Seconds spent in :meth:`train` by this process (including checkpoint saves), plus -- after a
         resume -- the earlier runs' seconds recorded in the checkpoint (``sparsebert_progress.json``).
-        Without that record (a checkpoint written before it existed) only this process's seconds
-        count, and :attr:`wall_seconds_before` is ``None``."""
+        A checkpoint without that record (written before it existed) adds nothing, and
+        :attr:`wall_history_complete` is then ``False``."""
         running = time.time() - self._train_started if self._train_started is not None else 0.0
-        return (self.wall_seconds_before or 0.0) + self._train_seconds + running
+        return self._wall_seconds + running
 
     def sample_gradients(self, num_batches: int):
         """Yield ``num_batches`` times with fresh gradients of the training loss in ``.grad``.
@@ -388,12 +387,12 @@ class RecipeTrainerMixin:
             resume_from_checkpoint = self._last_complete_checkpoint()
         if resume_from_checkpoint:
             self.session.load(resume_from_checkpoint)
-            self.wall_seconds_before, self.wall_history_complete = _recorded_wall_seconds(Path(resume_from_checkpoint))
+            self._wall_seconds, self.wall_history_complete = _recorded_wall_seconds(Path(resume_from_checkpoint))
         self._train_started = time.time()
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
-            self._train_seconds += time.time() - self._train_started
+            self._wall_seconds = self.train_wall_seconds
             self._train_started = None
 
 
