@@ -7,6 +7,7 @@
     python benchmarks/gpu_report.py S7/summary.json S9/summary.json --seeds S9_CALL2_DIR --device ... --command C1 --command C2
     python benchmarks/gpu_report.py S7/summary.json S9/summary.json S11/summary.json --layerwise S9_CALL2_DIR --device ... --command C
     python benchmarks/gpu_report.py S7/summary.json S9/summary.json S12/summary.json --layerwise S9_CALL2_DIR --final --device ... --command C
+    python benchmarks/gpu_report.py S21/summary.json --gmp-levers --device ... --command C
 """
 
 from __future__ import annotations
@@ -248,6 +249,23 @@ def report_sweep(runs: dict, curves: dict, device: str, commands: list[str]) -> 
                  _commands(runs, [n for n, _ in short[1:]])]
     write_section(ROOT / "BENCHMARKS.md", "gpu_gmp_sweep", "SST-2 on a GPU: which GMP settings close the gap (session 5)",
                   "\n".join(body))
+
+
+def report_gmp_levers(runs: dict, device: str, commands: list[str]) -> None:
+    """Write the session-21 section (issue 4: GMP's last levers on SQuAD, 20 epochs each): ``gpu_squad_gmp_levers``."""
+    names = [("squad-dense", "(a) dense fine-tune"),
+             ("s16-squad-gmp-20ep", "(b) GMP 80% block4 + KD, init_lr 4e-4, per-layer ranking"),
+             ("s21-squad-gmp-20ep-global", "(b) same, global_sparsity (one threshold over all layers)"),
+             ("s21-squad-gmp-20ep-lr8e-4", "(b) same as the first, init_lr 8e-4")]
+    body = [_where(device, commands), "",
+            "SQuAD v1.1, **training used dev articles** (36:12 article split, seed 42; scores on the 12 held-out articles "
+            "only), seq 384, doc_stride 128, batch 32. Students from (a) with KD from it on start/end logits (hardness 1.0, "
+            "T 5.5, padding left out of the softmax, teacher outputs cached), 20 epochs, cubic pruning to 80% block4 over "
+            "the first 10, LR linear to 0. The three students shared the GPU.", "",
+            SQUAD_HEAD, *(_squad_row(runs, n, label, "squad-dense") for n, label in names), "",
+            _commands(runs, [n for n, _ in names])]
+    write_section(ROOT / "BENCHMARKS.md", "gpu_squad_gmp_levers",
+                  "SQuAD v1.1 on a GPU: GMP over 20 epochs, global ranking, twice the LR (issue 4, session 21)", "\n".join(body))
 
 
 def runs_from_logs(folder: Path) -> tuple[dict, dict[str, list[float]]]:
@@ -506,6 +524,7 @@ if __name__ == "__main__":
     ap.add_argument("--next", type=Path, metavar="CALL2_DIR",
                     help="write the session-7 section; CALL2_DIR holds the hand-started runs (see runs_from_logs)")
     ap.add_argument("--seeds", type=Path, metavar="CALL2_DIR", help="write the session-9 section (as --next)")
+    ap.add_argument("--gmp-levers", action="store_true", help="write the session-21 section (SQuAD GMP, 20 epochs)")
     ap.add_argument("--final", action="store_true", help="with --layerwise: write the rerun's section (its summary last)")
     ap.add_argument("--layerwise", type=Path, metavar="S9_CALL2_DIR",
                     help="write the session-11 section: summaries of sessions 7, 9 and 11 in that order (as --seeds)")
@@ -525,7 +544,9 @@ if __name__ == "__main__":
         more, more_curves = runs_from_logs(a.seeds or a.next or a.layerwise)
         runs.update(more)
         curves.update(more_curves)
-    if a.layerwise and a.final:
+    if a.gmp_levers:
+        report_gmp_levers(runs, a.device, a.command)
+    elif a.layerwise and a.final:
         report_layerwise_final(runs, curves, a.device, a.command)
     elif a.layerwise:
         report_layerwise(runs, curves, a.device, a.command)

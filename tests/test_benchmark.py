@@ -69,6 +69,21 @@ def test_compare_ratios_interleaved(deployments):
     assert slow["speedup_vs_first"] < 1.0 and slow["latency_ms"]["p50"] >= 3.0
 
 
+def test_compare_folder_with_its_own_engine(deployments):
+    """``FOLDER:ENGINE`` pairs another export with another engine (a sparse export on our engine vs a dense on ORT)."""
+    from sparsebert.benchmark import parse_targets
+
+    dense, static = deployments
+    targets = parse_targets(dense, "onnxruntime", [f"{static}:torch", "torch", str(static)])
+    assert [(t.deployment_dir, t.engine) for t in targets] == [
+        (dense, "onnxruntime"), (static, "torch"), (dense, "torch"), (static, "onnxruntime")]
+    result = runner.invoke(app, ["benchmark", str(dense), "--compare", f"{static}:torch", "--iterations", "2",
+                                 "--warmup", "1", "--sequence-length", "32", "--batch-size", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["deployment_dir"], r["engine"]) for r in rows] == [(str(dense), "onnxruntime"), (str(static), "torch")]
+
+
 def test_table_output(deployments):
     dense, _ = deployments
     result = runner.invoke(app, ["benchmark", str(dense), "--compare", "torch", "--time", "0.2", "--warmup", "1", "--sequence-length", "8"])
@@ -105,5 +120,7 @@ def test_bad_dirs_and_shapes(deployments, tmp_path):
         run_benchmark(broken, iterations=1)
     with pytest.raises(DeploymentError, match="static sequence_length 32, asked for 64"):
         run_benchmark(static, sequence_length=64, iterations=1)
-    with pytest.raises(DeploymentError, match="not a deployment folder nor an engine"):
+    with pytest.raises(DeploymentError, match="'nope': not a deployment folder, an engine .* nor FOLDER:ENGINE"):
         run_benchmark(static, compare=["nope"], iterations=1)
+    with pytest.raises(DeploymentError, match="nor FOLDER:ENGINE"):  # a real folder, an unknown engine
+        run_benchmark(static, compare=[f"{static}:nope"], iterations=1)

@@ -46,19 +46,24 @@ class Target:
 
 def parse_targets(deployment_dir: str | Path, engine: str, compare: list[str] | None) -> list[Target]:
     """The first target is ``(deployment_dir, engine)``; each ``compare`` item is a deployment
-    folder (run with ``engine``) or an engine name (run on ``deployment_dir``).
+    folder (run with ``engine``), an engine name (run on ``deployment_dir``) or ``FOLDER:ENGINE``
+    (that folder with that engine, e.g. a sparse export on our engine against a dense one on ORT).
 
     Raises:
-        DeploymentError: an item is neither an existing folder nor a known engine.
+        DeploymentError: an item is none of these (names the item and the known engines).
     """
     targets = [Target(Path(deployment_dir), engine)]
     for item in compare or []:
+        folder, _, item_engine = item.rpartition(":")
         if Path(item).is_dir():
             targets.append(Target(Path(item), engine))
         elif item in ENGINES:
             targets.append(Target(Path(deployment_dir), item))
+        elif folder and Path(folder).is_dir() and item_engine in ENGINES:
+            targets.append(Target(Path(folder), item_engine))
         else:
-            raise DeploymentError(f"--compare {item!r}: not a deployment folder nor an engine ({', '.join(ENGINES)})")
+            raise DeploymentError(f"--compare {item!r}: not a deployment folder, an engine ({', '.join(ENGINES)}) "
+                                  "nor FOLDER:ENGINE")
     return targets
 
 

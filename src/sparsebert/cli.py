@@ -342,7 +342,7 @@ def export_cmd(
 def benchmark_cmd(
     deployment_dir: Path = typer.Argument(..., help="Deployment folder from `sparsebert export` (manifest.json, model.onnx)."),
     engine: str = typer.Option("onnxruntime", help="Engine: onnxruntime, torch, sparsebert (sparse CPU kernels) or sparsebert-int8 (see sparsebert.deployment.ENGINES)."),
-    compare: Optional[list[str]] = typer.Option(None, help="Another deployment folder or engine to measure interleaved (repeatable)."),
+    compare: Optional[list[str]] = typer.Option(None, help="Another deployment folder, engine, or FOLDER:ENGINE to measure interleaved (repeatable)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default: static export shape, else 1)."),
     sequence_length: Optional[int] = typer.Option(None, help="Tokens per input (default: static shape, else max_seq_length)."),
     num_threads: Optional[int] = typer.Option(None, help="Intra-op threads per engine."),
